@@ -1,0 +1,105 @@
+"""`lardo-ray <stage>`: parse arguments, load and validate the config, call the stage. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from lardo_ray.config import ConfigError, PipelineConfig, dump_config, load_config
+
+EPILOG = """\
+Config: every subcommand reads one YAML file (--config) validated against the whole pipeline's model;
+--set key.sub=value overrides any key (repeatable), e.g. --set dsm.descriptors=[MolLogP,TPSA]
+--set dsm.ray.concurrency=4. Unknown keys and wrong types stop the job before any work, naming the key.
+Outputs land in <run.output_dir>/<stage>/{data,rejected,_done}/ with a manifest.json; re-running the
+same command resumes, skipping finished chunks. Runs are logged to MLflow (tracking.tracking_uri;
+default sqlite:///<run.output_dir>/mlflow.db; look at them with `mlflow ui --backend-store-uri ...`).
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--config", metavar="FILE.yaml", help="pipeline config (see configs/); defaults apply without one")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set input.chunk_rows=5000 (repeatable)")
+    g.add_argument("--input", help="input: file, directory, glob, s3://..., a saved HF dataset dir or hf:NAME (input.path)")
+    g.add_argument("--output", help="output root directory or URI (run.output_dir)")
+    g.add_argument("--smiles-column", help="SMILES column of the input (input.smiles_column)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g.add_argument("-q", "--quiet", action="store_true", help="no per-chunk progress lines")
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    top = {"input.path": args.input, "run.output_dir": args.output, "input.smiles_column": args.smiles_column}
+    if getattr(args, "quiet", False):
+        top["run.progress"] = False
+    return load_config(args.config, args.overrides, top)
+
+
+def cmd_dsm(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    if args.list_descriptors:
+        from lardo_ray.chem.descriptors import groups, registry
+
+        for name, calc in registry().items():
+            print(f"{name:32s} {calc.group:10s} {calc.unit:6s} {calc.description}")
+        print(f"\n{len(registry())} descriptors; groups: " + ", ".join(f"{g} ({len(v)})" for g, v in groups().items()))
+        return 0
+    from lardo_ray.stages.ingest_dsm import run_dsm
+
+    summary = run_dsm(cfg)
+    print("\n".join(summary.lines()))
+    if summary.not_logged:
+        print(f"  MLflow: not logged: {', '.join(summary.not_logged)}")
+    return 0
+
+
+# name -> (help, handler, extra-arguments adder). Later stages add their rows here.
+SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "dsm": (
+        "ingest + DSM: standardise molecules, assign mol_id, compute RDKit descriptors (Ray Data actor pool)",
+        cmd_dsm,
+        lambda p: p.add_argument("--list-descriptors", action="store_true", help="list the DSM registry and exit"),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lardo-ray",
+        description="MolGraph-LarDo on Ray: DSM descriptors, LLM descriptions, graph-text pre-training, "
+        "MoleculeNet fine-tuning. One subcommand per stage.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    for name, (help_text, _, extra) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        if extra:
+            extra(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = _load(args)
+        if args.print_config:
+            print(dump_config(cfg))
+            return 0
+        return SUBCOMMANDS[args.command][1](args, cfg)
+    except ConfigError as e:
+        print(f"lardo-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""One config model for the whole pipeline.
+
+YAML file -> ``--set key.sub=value`` overrides -> pydantic validation, before any work starts.
+Every model forbids unknown keys, so a typo stops the job with the key's dotted path in the message.
+Only pydantic/yaml are imported here: ``lardo-ray --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from lardo_ray.config_base import ConfigError, RayResources, Section
+
+__all__ = ["ConfigError", "PipelineConfig", "RayResources", "Section", "load_config", "dump_config"]
+
+
+class RunConfig(Section):
+    name: str = Field(default="lardo", description="run name; outputs go to <output_dir>/<stage>/")
+    output_dir: str = Field(default="outputs/lardo", description="local dir or pyarrow URI (s3://, gs://)")
+    seed: int = 0
+    ray_address: str | None = Field(
+        default=None, description="None = connect to RAY_ADDRESS / a running cluster or start a local one"
+    )
+    ray_num_cpus: int | None = Field(
+        default=None, ge=1, description="logical CPUs of a local Ray instance (ignored on a cluster)"
+    )
+    progress: bool = True
+    overwrite: bool = Field(default=False, description="discard a stage's existing output instead of resuming it")
+
+
+class InputConfig(Section):
+    path: str | None = Field(default=None, description="file, directory, glob, URI, or hf:NAME / a saved HF dataset")
+    format: Literal["auto", "csv", "tsv", "smi", "parquet", "hf"] = "auto"
+    smiles_column: str = "smiles"
+    id_column: str | None = Field(default=None, description="optional user id column carried to the output")
+    keep_columns: list[str] = Field(default_factory=list, description="extra input columns carried forward (labels...)")
+    hf_split: str = "train"
+    limit: int | None = Field(default=None, ge=1, description="read at most this many rows (smoke runs)")
+    chunk_rows: int = Field(
+        default=20_000, ge=1, description="rows per unit of work: one output shard, the resume granularity"
+    )
+
+
+class IngestConfig(Section):
+    max_atoms: int = Field(default=200, ge=1, description="heavy atoms above this are rejected (too_many_atoms)")
+    keep_largest_fragment: bool = True
+    neutralize: bool = True
+    dedupe: Literal["drop", "keep"] = Field(
+        default="drop", description="drop: later copies of a molecule go to rejected/ as 'duplicate'"
+    )
+
+
+class DsmConfig(Section):
+    descriptors: list[str] | Literal["all"] = Field(
+        default="all", description="'all' or names / groups from `lardo-ray dsm --list-descriptors`"
+    )
+    batch_rows: int = Field(default=2_000, ge=1, description="rows per calculator call inside a unit of work")
+    ray: RayResources = Field(default_factory=lambda: RayResources(num_cpus=1.0))
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; None = sqlite:///<output_dir>/mlflow.db"
+    )
+    experiment: str = "lardo_ray"
+
+
+class PipelineConfig(Section):
+    """The root: one section per stage. Later stages add their sections here."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    dsm: DsmConfig = Field(default_factory=DsmConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("dsm")
+    @classmethod
+    def _known_descriptors(cls, v: DsmConfig) -> DsmConfig:
+        # Imported lazily: the registry needs RDKit, which this module should not load for --help.
+        from lardo_ray.chem.descriptors import resolve_descriptor_names
+
+        if v.descriptors != "all":
+            try:
+                resolve_descriptor_names(v.descriptors)
+            except KeyError as e:
+                raise ValueError(str(e.args[0])) from None
+        return v
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.run.output_dir.rstrip('/')}/{stage}"
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections: a stage's outputs are only reused under the same settings."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML gives "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None, like the file would.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, top: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Load YAML, apply overrides, validate. Raises ConfigError naming the bad key."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    # Common CLI flags (--input, --output, ...) win over the file and --set.
+    for dotted, value in (top or {}).items():
+        if value is not None:
+            node = data
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

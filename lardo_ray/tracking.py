@@ -1,0 +1,114 @@
+"""MLflow: one way to open runs and log params, metrics and artifacts.
+
+The tracking server is checked at start (a clear error before any work). Once work has started, a
+failing server never stops the job: what could not be logged is kept and reported at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from lardo_ray.config_base import ConfigError
+
+log = logging.getLogger("lardo_ray")
+
+
+def resolve_tracking_uri(tracking_uri: str | None, output_dir: str) -> str:
+    if tracking_uri:
+        return tracking_uri
+    if "://" in output_dir:
+        return "sqlite:///mlflow.db"
+    return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'mlflow.db'))}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+class Tracker:
+    """A thin wrapper over an active MLflow run that never raises once the run is open."""
+
+    def __init__(self, enabled: bool, uri: str, experiment: str):
+        self.enabled, self.uri, self.experiment = enabled, uri, experiment
+        self.run_id: str | None = None
+        self.not_logged: list[str] = []
+
+    def check_reachable(self) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        if self.uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(self.uri[len("sqlite:///"):]) or ".", exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            client = mlflow.MlflowClient(self.uri)
+            if client.get_experiment_by_name(self.experiment) is None:
+                client.create_experiment(self.experiment)
+        except Exception as e:  # noqa: BLE001 - mlflow raises many types for an unreachable store
+            raise ConfigError(
+                f"MLflow tracking store {self.uri!r} (config key tracking.tracking_uri) is not reachable: "
+                f"{type(e).__name__}: {str(e)[:300]}. Start the server, fix the URI, or set tracking.enabled=false."
+            ) from None
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Tracker]:
+        if not self.enabled:
+            yield self
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        with mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested) as r:
+            self.run_id = r.info.run_id
+            yield self
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - logging must not kill hours of work
+            self.not_logged.append(what)
+            log.warning("MLflow: could not log %s: %s", what, str(e)[:200])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        flat = flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._safe("params", mlflow.log_params, dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._safe(f"metrics {sorted(clean)} step={step}", mlflow.log_metrics, clean, step=step)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        self._safe(f"artifact {os.path.basename(path)}", mlflow.log_artifact, path, artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        import mlflow
+
+        self._safe(f"artifact {name}", mlflow.log_text, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        self._safe("tags", mlflow.set_tags, tags)
