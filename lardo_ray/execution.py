@@ -39,6 +39,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # address="local": a leftover session dir of a killed head must not be joined by accident.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), runtime_env=env,
                  include_dashboard=False, log_to_driver=True)
+
+
+def _quiet_data_context() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -89,6 +92,7 @@ def run_chunks(
 
     if not units:
         return
+    _quiet_data_context()
     size = pool_size(res, len(units))
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # Ray Data's actor pools already restart dead actors and retry their chunks without limit

@@ -172,7 +172,10 @@ def _open_text(uri: str):
 def _text_options(fmt: str, skip_rows_after_names: int = 0) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     if fmt == "smi":
         ro = pacsv.ReadOptions(column_names=[_SMI_COLUMN], block_size=1 << 22, skip_rows_after_names=skip_rows_after_names)
-        po = pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, escape_char=False)
+        # A blank line in a .smi file is a record (an empty molecule, rejected as such), not noise.
+        po = pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, escape_char=False, ignore_empty_lines=False)
+        co = pacsv.ConvertOptions(column_types={_SMI_COLUMN: pa.binary()})
+        return ro, po, co
     else:
         ro = pacsv.ReadOptions(block_size=1 << 22, skip_rows_after_names=skip_rows_after_names)
         po = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=False)
@@ -185,20 +188,27 @@ def _text_column_names(uri: str, fmt: str) -> list[str]:
     if fmt == "smi":
         return ["smiles"]
     ro, po, co = _text_options(fmt)
-    with _open_text(uri) as stream:
-        reader = pacsv.open_csv(stream, read_options=ro, parse_options=po, convert_options=co)
-        return list(reader.schema.names)
+    try:
+        with _open_text(uri) as stream:
+            reader = pacsv.open_csv(stream, read_options=ro, parse_options=po, convert_options=co)
+            return list(reader.schema.names)
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{uri} is not valid {fmt.upper()}: {e}") from None
 
 
 def _count_text_rows(uri: str, fmt: str, columns: list[str]) -> int:
     ro, po, co = _text_options(fmt)
     if fmt != "smi":
         # Only the first column is converted: counting 1.6 M rows takes well under a second.
-        co = pacsv.ConvertOptions(include_columns=columns[:1], column_types={c: pa.string() for c in columns[:1]})
+        co = pacsv.ConvertOptions(include_columns=columns[:1], column_types={c: pa.binary() for c in columns[:1]})
     n = 0
-    with _open_text(uri) as stream:
-        for batch in pacsv.open_csv(stream, read_options=ro, parse_options=po, convert_options=co):
-            n += batch.num_rows
+    try:
+        with _open_text(uri) as stream:
+            for batch in pacsv.open_csv(stream, read_options=ro, parse_options=po, convert_options=co):
+                n += batch.num_rows
+    except pa.ArrowInvalid as e:
+        # Found while planning, so before any work: a malformed line stops the job with its text.
+        raise InputError(f"{uri} is not valid {fmt.upper()}: {e}") from None
     return n
 
 
@@ -325,10 +335,10 @@ def read_chunk(spec: ChunkSpec) -> pa.Table:
         table = _read_text_range(spec)
         if spec.format == "smi":
             # "SMILES<whitespace>name": the first token is the molecule, the rest its optional name.
-            lines = table.column(_SMI_COLUMN).to_pylist()
+            lines = [_decode(b) for b in table.column(_SMI_COLUMN).to_pylist()]
             raw_smiles = pa.array([ln.strip().split(None, 1)[0] if ln.strip() else "" for ln in lines], pa.string())
         else:
-            raw_smiles = table.column(spec.smiles_column)
+            raw_smiles = pa.array([_decode(b) for b in table.column(spec.smiles_column).to_pylist()], pa.string())
     n = table.num_rows
     out = {
         schema.INPUT_SMILES: raw_smiles.cast(pa.string()) if raw_smiles.type != pa.string() else raw_smiles,
@@ -356,14 +366,21 @@ def _read_parquet_range(spec: ChunkSpec) -> pa.Table:
     return pa.concat_tables(pieces) if pieces else pf.schema_arrow.empty_table().select(cols)
 
 
+def _decode(b: bytes | None) -> str:
+    # Undecodable bytes become U+FFFD: the row is then rejected with its text, not a crashed worker.
+    return b.decode("utf-8", errors="replace") if b is not None else ""
+
+
 def _read_text_range(spec: ChunkSpec) -> pa.Table:
     ro, po, co = _text_options(spec.format, skip_rows_after_names=spec.row_start)
     if spec.format != "smi":
         cols = list(dict.fromkeys([spec.smiles_column] + ([spec.id_column] if spec.id_column else []) + list(spec.keep_columns)))
-        text_cols = [spec.smiles_column] + ([spec.id_column] if spec.id_column else [])
+        types = {spec.smiles_column: pa.binary()}
+        if spec.id_column:
+            types[spec.id_column] = pa.string()
         co = pacsv.ConvertOptions(
             include_columns=cols,
-            column_types={c: pa.string() for c in text_cols},
+            column_types=types,
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )

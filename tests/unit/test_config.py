@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from lardo_ray.config import ConfigError, PipelineConfig, apply_overrides, load_config
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.dsm.descriptors == "all"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("input:\n  path: a.csv\n  chunk_rows: 10\ndsm:\n  descriptors: [MolLogP]\n")
+    cfg = load_config(p, ["input.chunk_rows=20", "dsm.ray.concurrency=3", "dsm.descriptors=[TPSA, rules]"])
+    assert cfg.input.path == "a.csv"
+    assert cfg.input.chunk_rows == 20
+    assert cfg.dsm.ray.concurrency == 3
+    assert cfg.dsm.descriptors == ["TPSA", "rules"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dsm:\n  descriptorz: all\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'dsm.descriptorz'"):
+        load_config(p)
+
+
+def test_unknown_section_from_override():
+    with pytest.raises(ConfigError, match=r"unknown config key 'dsmm'"):
+        load_config(None, ["dsmm.x=1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"config key 'input.chunk_rows'"):
+        load_config(None, ["input.chunk_rows=many"])
+    with pytest.raises(ConfigError, match=r"config key 'dsm.ray.num_cpus'"):
+        load_config(None, ["dsm.ray.num_cpus=-1"])
+
+
+def test_unknown_descriptor_lists_choices():
+    with pytest.raises(ConfigError, match=r"dsm.*unknown descriptor 'MolLogp'.*did you mean 'MolLogP'"):
+        load_config(None, ["dsm.descriptors=[MolLogp]"])
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_fingerprint_changes_with_settings():
+    a = load_config(None, ["dsm.descriptors=[MolLogP]"])
+    b = load_config(None, ["dsm.descriptors=[TPSA]"])
+    assert a.fingerprint("dsm") != b.fingerprint("dsm")
+    assert a.fingerprint("dsm") == load_config(None, ["dsm.descriptors=[MolLogP]"]).fingerprint("dsm")
