@@ -1,0 +1,131 @@
+"""Benchmark of the ingest+dsm stage: the Ray pipeline against a plain single-process RDKit loop.
+
+    python bench/dsm.py [--n 20000] [--descriptors all] [--skip-baseline]
+
+Baseline: parse each SMILES and run the same calculators in one Python loop (no standardisation, no I/O).
+Pipeline: the real stage end to end (plan, read, standardise, descriptors, write Parquet, dedupe,
+reconcile), Ray start-up included, on all cores. Prints molecules/s of both and
+ratio = pipeline / (cores x baseline), plus peak memory of the driver and of the Ray workers.
+Run it with --n 20000 and --n 200000 to see that memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MOSES = ROOT.parent / "shared" / "data" / "pretrain" / "moses_train.csv.gz"
+SAMPLE = ROOT / "lardo_ray" / "data" / "zinc_sample.csv"
+
+
+def load_smiles(n: int) -> list[str]:
+    if MOSES.exists():
+        with gzip.open(MOSES, "rt") as f:
+            next(f)
+            return [ln.strip() for ln in itertools.islice(f, n)]
+    base = SAMPLE.read_text().split()[1:]
+    return list(itertools.islice(itertools.cycle(base), n))
+
+
+def baseline(smiles: list[str], descriptors) -> float:
+    from rdkit import Chem
+
+    from lardo_ray.chem.descriptors import DescriptorCalculator
+
+    calc = DescriptorCalculator(descriptors)
+    t0 = time.perf_counter()
+    for s in smiles:
+        m = Chem.MolFromSmiles(s)
+        if m is not None:
+            calc.compute([m])
+    return len(smiles) / (time.perf_counter() - t0)
+
+
+class WorkerMemory(threading.Thread):
+    """Samples the RSS of Ray worker processes (all `ray::` processes) while the pipeline runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_each = 0
+        self.peak_total = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        import psutil
+
+        while not self.stop.is_set():
+            rss = []
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in cmd and p.info["memory_info"] is not None:
+                    rss.append(p.info["memory_info"].rss)
+            if rss:
+                self.peak_each = max(self.peak_each, max(rss))
+                self.peak_total = max(self.peak_total, sum(rss))
+            self.stop.wait(0.5)
+
+
+def pipeline(smiles: list[str], descriptors, cores: int, chunk_rows: int) -> tuple[float, object, WorkerMemory]:
+    from lardo_ray.config import load_config
+    from lardo_ray.stages.ingest_dsm import run_dsm
+
+    tmp = Path(tempfile.mkdtemp(prefix="lardo-bench-dsm-"))
+    inp = tmp / "in.csv"
+    inp.write_text("smiles\n" + "\n".join(smiles) + "\n")
+    desc = descriptors if isinstance(descriptors, str) else "[" + ",".join(descriptors) + "]"
+    cfg = load_config(None, [
+        f"input.path={inp}", f"run.output_dir={tmp / 'out'}", f"input.chunk_rows={chunk_rows}",
+        f"dsm.descriptors={desc}", f"run.ray_num_cpus={cores}", "run.progress=false", "tracking.enabled=false",
+    ])
+    mem = WorkerMemory()
+    mem.start()
+    t0 = time.perf_counter()
+    summary = run_dsm(cfg)
+    wall = time.perf_counter() - t0
+    mem.stop.set()
+    mem.join()
+    return len(smiles) / wall, summary, mem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20_000, help="molecules (first N of MOSES when present)")
+    ap.add_argument("--descriptors", default="all", help="'all' or comma-separated names/groups")
+    ap.add_argument("--baseline-n", type=int, default=3_000, help="molecules timed in the single-process loop")
+    ap.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: N / (4 x cores), within 500..20000)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    descriptors = args.descriptors if args.descriptors == "all" else args.descriptors.split(",")
+    cores = os.cpu_count() or 1
+    smiles = load_smiles(args.n)
+    src = "MOSES train" if MOSES.exists() else "bundled ZINC sample, repeated"
+    print(f"bench/dsm.py: {len(smiles):,} molecules from {src}; descriptors={args.descriptors}; cores={cores}")
+    base = None
+    if not args.skip_baseline:
+        base = baseline(smiles[: args.baseline_n], descriptors)
+        print(f"  single-process loop : {base:8.1f} mol/s  (first {min(args.baseline_n, len(smiles)):,} molecules)")
+    chunk = args.chunk_rows or max(500, min(20_000, args.n // (4 * cores)))
+    rate, summary, mem = pipeline(smiles, descriptors, cores, chunk)
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  ray pipeline        : {rate:8.1f} mol/s  end to end, {summary.wall_seconds:.1f} s, chunks of {chunk:,}")
+    print(f"  written/rejected/dup: {summary.n_written:,}/{summary.n_rejected:,}/{summary.n_duplicates:,} "
+          f"(reconciled: {summary.reconciled})")
+    print(f"  peak memory         : driver {driver_peak:,.0f} MiB; largest Ray worker {mem.peak_each / 2**20:,.0f} MiB; "
+          f"all Ray processes {mem.peak_total / 2**20:,.0f} MiB")
+    if base:
+        print(f"  RATIO pipeline / (cores x single) = {rate:.1f} / ({cores} x {base:.1f}) = {rate / (cores * base):.3f}")
+
+
+if __name__ == "__main__":
+    main()
