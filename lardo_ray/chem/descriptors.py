@@ -135,18 +135,18 @@ class DescriptorCalculator:
         reg = registry()
         self._fns = [reg[n].fn for n in self.names]
 
+    def compute_into(self, mol: Chem.Mol, row: np.ndarray) -> str | None:
+        """Fill ``row`` (pre-set to NaN) for one molecule; return a note of failed calculators, if any."""
+        failed = None
+        for j, fn in enumerate(self._fns):
+            try:
+                v = fn(mol)
+                row[j] = v if v is not None else math.nan
+            except Exception as e:  # noqa: BLE001 - one bad calculator must not lose the molecule
+                failed = (failed or []) + [f"{self.names[j]}: {type(e).__name__}: {str(e)[:80]}"]
+        return "; ".join(failed) if failed else None
+
     def compute(self, mols: list[Chem.Mol]) -> tuple[np.ndarray, list[str | None]]:
         values = np.full((len(mols), len(self.names)), np.nan, dtype=np.float64)
-        errors: list[str | None] = [None] * len(mols)
-        for i, mol in enumerate(mols):
-            row = values[i]
-            failed = None
-            for j, fn in enumerate(self._fns):
-                try:
-                    v = fn(mol)
-                    row[j] = v if v is not None else math.nan
-                except Exception as e:  # noqa: BLE001 - one bad calculator must not lose the molecule
-                    failed = (failed or []) + [f"{self.names[j]}: {type(e).__name__}: {str(e)[:80]}"]
-            if failed:
-                errors[i] = "; ".join(failed)
+        errors = [self.compute_into(m, values[i]) for i, m in enumerate(mols)]
         return values, errors
