@@ -50,9 +50,20 @@ def cmd_dsm(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 
     summary = run_dsm(cfg)
     print("\n".join(summary.lines()))
-    if summary.not_logged:
-        print(f"  MLflow: not logged: {', '.join(summary.not_logged)}")
+    _print_mlflow_hint(cfg, summary.not_logged)
     return 0
+
+
+def _print_mlflow_hint(cfg: PipelineConfig, not_logged: list[str]) -> None:
+    from lardo_ray.tracking import resolve_tracking_uri
+
+    if not cfg.tracking.enabled:
+        return
+    if not_logged:
+        print(f"  MLflow: NOT logged (store unreachable mid-run): {', '.join(not_logged)}")
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    print(f"  MLflow      experiment '{cfg.tracking.experiment}': {ui}")
 
 
 # name -> (help, handler, extra-arguments adder). Later stages add their rows here.

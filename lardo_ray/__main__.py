@@ -1,0 +1,3 @@
+from lardo_ray.cli import main
+
+raise SystemExit(main())
