@@ -112,3 +112,9 @@ class Tracker:
         import mlflow
 
         self._safe("tags", mlflow.set_tags, tags)
+
+
+def make_tracker(cfg) -> Tracker:
+    """The pipeline config's tracker (cfg: lardo_ray.config.PipelineConfig)."""
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
+    return Tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,19 +17,21 @@ import pyarrow.parquet as pq
 
 from lardo_ray import schema
 from lardo_ray.chem.descriptors import DescriptorCalculator
-from lardo_ray.chem.standardise import DUPLICATE, REASONS, Standardiser
+from lardo_ray.chem.standardise import DUPLICATE, Standardiser
 from lardo_ray.config import ConfigError, IngestConfig, PipelineConfig, dump_config
 from lardo_ray.io import ChunkSpec, StageOutput, check_writable, input_fingerprint, plan_chunks, read_chunk
+from lardo_ray.stages.common import (
+    StageSummary,
+    finish,
+    open_output,
+    pending,
+    reconcile,
+    rejected_table,
+    run_pending,
+)
 
 log = logging.getLogger("lardo_ray")
 STAGE = "dsm"
-
-
-def rejected_table(columns: dict[str, list], stage: str) -> pa.Table:
-    n = len(columns[schema.INPUT_SMILES])
-    cols = dict(columns)
-    cols[schema.STAGE] = [stage] * n
-    return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
 
 
 class IngestDsm:
@@ -178,71 +179,14 @@ def drop_duplicates(out: StageOutput, chunk_ids: list[str]) -> int:
 # ---------------------------------------------------------------- the whole stage
 
 
-@dataclass
-class StageSummary:
-    stage: str
-    output: str
-    n_read: int = 0
-    n_written: int = 0
-    n_rejected: int = 0
-    n_duplicates: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    chunks_total: int = 0
-    chunks_skipped: int = 0
-    wall_seconds: float = 0.0
-    mol_per_s: float = 0.0
-    reconciled: bool = False
-    not_logged: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        by_reason = ", ".join(f"{k}={v:,}" for k, v in sorted(self.rejected_by_reason.items())) or "none"
-        status = "OK" if self.reconciled else "MISMATCH"
-        return [
-            f"== {self.stage} summary ==",
-            f"  output      {self.output}",
-            f"  read        {self.n_read:,}",
-            f"  written     {self.n_written:,}",
-            f"  rejected    {self.n_rejected:,}  ({by_reason})",
-            f"  duplicates  {self.n_duplicates:,}",
-            f"  reconcile   read = written + rejected + duplicates: {status}",
-            f"  chunks      {self.chunks_total} ({self.chunks_skipped} already done, skipped)",
-            f"  wall time   {self.wall_seconds:,.1f} s   ({self.mol_per_s:,.1f} molecules/s this run)",
-        ]
-
-
-def _count_rejections(out: StageOutput, chunk_ids: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for c in chunk_ids:
-        reasons = pq.read_table(out.rejected_path(c), columns=[schema.REJECT_REASON], filesystem=out.fs).column(0)
-        for r in reasons.to_pylist():
-            counts[r] = counts.get(r, 0) + 1
-    return counts
-
-
-def reconcile(out: StageOutput, chunks: list[ChunkSpec], stage: str) -> StageSummary:
-    """Counts from what is on disk (Parquet footers), not from what workers said."""
-    ids = [c.chunk_id for c in chunks]
-    s = StageSummary(stage=stage, output=out.uri, chunks_total=len(chunks))
-    s.n_read = sum(c.n_rows for c in chunks)
-    s.n_written = sum(pq.ParquetFile(out.fs.open_input_file(out.data_path(c))).metadata.num_rows for c in ids)
-    by_reason = _count_rejections(out, ids)
-    s.n_duplicates = by_reason.pop(DUPLICATE, 0)
-    s.rejected_by_reason = by_reason
-    s.n_rejected = sum(by_reason.values())
-    s.reconciled = s.n_read == s.n_written + s.n_rejected + s.n_duplicates
-    return s
-
-
 def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
     """The whole stage. Raises ConfigError/InputError before any work when the setup is wrong."""
-    from lardo_ray.execution import Progress, init_ray, run_chunks
-    from lardo_ray.tracking import Tracker, resolve_tracking_uri
+    from lardo_ray.tracking import make_tracker
 
     t0 = time.time()
     if not cfg.input.path:
         raise ConfigError("config key 'input.path' is empty: give --input FILE or set input.path")
-    stage_dir = cfg.stage_dir(STAGE)
-    check_writable(stage_dir)
+    check_writable(cfg.stage_dir(STAGE))
     chunks = plan_chunks(
         cfg.input.path,
         fmt=cfg.input.format,
@@ -253,67 +197,34 @@ def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
         limit=cfg.input.limit,
         hf_split=cfg.input.hf_split,
     )
+    chunk_ids = [c.chunk_id for c in chunks]
     fingerprint = input_fingerprint(chunks)
     config_hash = cfg.fingerprint("input", "ingest", "dsm")
-    out = StageOutput(stage_dir)
-    tracker = tracker or Tracker(cfg.tracking.enabled, resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir),
-                                 cfg.tracking.experiment)
+    tracker = tracker or make_tracker(cfg)
     tracker.check_reachable()
-
-    manifest = out.read_manifest()
-    if manifest and (manifest.get("config_hash") != config_hash or manifest.get("input_fingerprint") != fingerprint):
-        if not cfg.run.overwrite:
-            raise ConfigError(
-                f"{stage_dir} holds output of a different input or config (manifest config_hash "
-                f"{manifest.get('config_hash')} vs {config_hash}); use another run.output_dir or set run.overwrite=true"
-            )
-        out.clear()
-    elif cfg.run.overwrite:
-        out.clear()
-    out.prepare()
-    out.write_manifest({"stage": STAGE, "status": "running", "config_hash": config_hash,
-                        "input_fingerprint": fingerprint, "n_chunks": len(chunks)})
-    done = {k for k, v in out.read_markers().items() if v.get("config_hash") == config_hash}
-    todo = [c for c in chunks if c.chunk_id not in done]
+    out = open_output(cfg, STAGE, config_hash, fingerprint, len(chunks))
+    todo_ids = set(pending(out, chunk_ids, config_hash))
+    todo = [c for c in chunks if c.chunk_id in todo_ids]
     log.info("dsm: %d chunks planned, %d already done", len(chunks), len(chunks) - len(todo))
 
     with tracker.run(run_name=f"{cfg.run.name}/dsm", tags={"stage": STAGE}):
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(dump_config(cfg), "config.yaml")
-        if todo:
-            init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
-            progress = Progress(STAGE, len(todo), sum(c.n_rows for c in todo), cfg.run.progress)
-            worker_kwargs = {"config": cfg.model_dump(mode="json"), "stage_dir": stage_dir, "config_hash": config_hash}
-            for _ in run_chunks(STAGE, [c.to_row() for c in todo], DsmChunkWorker, worker_kwargs, cfg.dsm.ray, progress):
-                pass
-        n_dups = drop_duplicates(out, [c.chunk_id for c in chunks]) if cfg.ingest.dedupe == "drop" else 0
-        summary = reconcile(out, chunks, STAGE)
+        worker_kwargs = {"config": cfg.model_dump(mode="json"), "stage_dir": out.uri, "config_hash": config_hash}
+        run_pending(cfg, STAGE, [c.to_row() for c in todo], DsmChunkWorker, worker_kwargs, cfg.dsm.ray,
+                    [c.n_rows for c in todo])
+        if cfg.ingest.dedupe == "drop":
+            drop_duplicates(out, chunk_ids)
+        summary = reconcile(out, STAGE, chunk_ids, sum(c.n_rows for c in chunks))
         summary.chunks_skipped = len(chunks) - len(todo)
         summary.wall_seconds = time.time() - t0
-        processed = sum(c.n_rows for c in todo)
-        summary.mol_per_s = processed / summary.wall_seconds if summary.wall_seconds > 0 else 0.0
-        log.debug("dsm: moved %d duplicates this run", n_dups)
-        tracker.log_metrics({
-            "n_read": summary.n_read, "n_written": summary.n_written, "n_rejected": summary.n_rejected,
-            "n_duplicates": summary.n_duplicates, "wall_seconds": summary.wall_seconds,
-            "mol_per_s": summary.mol_per_s, "reconciled": float(summary.reconciled),
-            **{f"rejected.{k}": v for k, v in summary.rejected_by_reason.items()},
-        })
+        summary.mol_per_s = sum(c.n_rows for c in todo) / max(summary.wall_seconds, 1e-9)
+        tracker.log_metrics(summary.metrics())
         summary.not_logged = list(tracker.not_logged)
-    out.write_manifest({
-        "stage": STAGE, "status": "complete" if summary.reconciled else "mismatch",
-        "config_hash": config_hash, "input_fingerprint": fingerprint,
-        "n_chunks": len(chunks), "chunks": [c.chunk_id for c in chunks],
-        "descriptors": DescriptorCalculator(cfg.dsm.descriptors).names,
-        "counts": {"read": summary.n_read, "written": summary.n_written, "rejected": summary.n_rejected,
-                   "duplicates": summary.n_duplicates, "rejected_by_reason": summary.rejected_by_reason},
-        "schema": [f"{f.name}: {f.type}" for f in pq.read_schema(out.data_path(chunks[0].chunk_id), filesystem=out.fs)]
-        if chunks else [],
-        "mlflow_run_id": tracker.run_id,
-    })
-    if not summary.reconciled:
-        raise RuntimeError("\n".join(summary.lines()) + "\ncounts do not reconcile: this is a bug, please report it")
+        summary.mlflow_run_id = tracker.run_id
+    finish(out, summary, config_hash, fingerprint, chunk_ids,
+           descriptors=DescriptorCalculator(cfg.dsm.descriptors).names)
     return summary
 
 
-__all__ = ["IngestDsm", "DsmChunkWorker", "run_dsm", "drop_duplicates", "reconcile", "StageSummary", "REASONS"]
+__all__ = ["IngestDsm", "DsmChunkWorker", "run_dsm", "drop_duplicates", "StageSummary"]
