@@ -1,0 +1,117 @@
+"""Graph-text contrastive pieces: projection heads, learnable temperature, symmetric InfoNCE, retrieval accuracy.
+
+Conventions: ``logits[i, j] = scale * <g_i, t_j>`` with unit-norm g (graph) and t (text) rows; row i of the
+batch is a matching pair. graph->text reads rows of ``logits``, text->graph reads columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MAX_LOGIT_SCALE = 100.0  # CLIP: the logit scale (1 / temperature) is clamped to [1, 100]
+
+
+class ProjectionHead(nn.Module):
+    """MLP into the shared space: (Linear -> GELU -> dropout) x (num_layers - 1) -> Linear -> L2 normalisation.
+
+    ``hidden=None`` uses the input width. ``num_layers=1`` is a single linear map.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int | None = None, num_layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden = hidden or in_dim
+        if num_layers == 1:
+            self.net: nn.Module = nn.Linear(in_dim, out_dim)
+        else:
+            layers: list[nn.Module] = []
+            d = in_dim
+            for _ in range(num_layers - 1):
+                layers += [nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout)]
+                d = hidden
+            layers.append(nn.Linear(d, out_dim))
+            self.net = nn.Sequential(*layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), p=2, dim=-1)
+
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, stored as log(1 / T) and clamped to [1, 100] as CLIP does."""
+
+    def __init__(self, temperature_init: float = 0.07, learnable: bool = True, max_scale: float = MAX_LOGIT_SCALE):
+        super().__init__()
+        if temperature_init <= 0:
+            raise ValueError("temperature_init must be > 0")
+        # Shape (1,), not a 0-d scalar: DeepSpeed's parameter broadcast views every parameter as bytes.
+        value = torch.tensor([math.log(1.0 / temperature_init)], dtype=torch.float32)
+        if learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+        self.max_log = math.log(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(0.0, self.max_log).exp().squeeze(0)
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self().detach().float())
+
+
+def contrastive_logits(graph_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """(B, B) similarity logits; the inputs are expected L2-normalised."""
+    return scale * graph_emb @ text_emb.t()
+
+
+def info_nce(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE on square logits with matches on the diagonal.
+
+    Returns (loss, loss_graph_to_text, loss_text_to_graph); loss is their mean.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"expected square logits, got {tuple(logits.shape)}")
+    target = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()
+    g2t = F.cross_entropy(logits, target)
+    t2g = F.cross_entropy(logits.t(), target)
+    return (g2t + t2g) / 2, g2t, t2g
+
+
+def info_nce_loss(graph_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE loss of a batch of matching (graph, text) embedding pairs."""
+    return info_nce(contrastive_logits(graph_emb, text_emb, scale))[0]
+
+
+def match_ranks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based rank of the true match per query, graph->text (rows) and text->graph (columns).
+
+    Ties count against the query (rank = number of other candidates scoring >= the match), so a collapsed
+    model whose logits are all equal gets rank B-1, not 0.
+    """
+    diag = logits.diagonal()
+    g2t = (logits >= diag[:, None]).sum(dim=1) - 1
+    t2g = (logits >= diag[None, :]).sum(dim=0) - 1
+    return g2t, t2g
+
+
+@torch.no_grad()
+def retrieval_accuracy(logits: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k retrieval accuracy in both directions over square logits (candidates = the other rows).
+
+    Keys: ``g2t_top{k}``, ``t2g_top{k}`` and their mean ``top{k}``; values in [0, 1].
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"expected square logits, got {tuple(logits.shape)}")
+    g2t, t2g = match_ranks(logits.float())
+    out: dict[str, float] = {}
+    for k in ks:
+        a = float((g2t < k).float().mean())
+        b = float((t2g < k).float().mean())
+        out[f"g2t_top{k}"], out[f"t2g_top{k}"], out[f"top{k}"] = a, b, (a + b) / 2
+    return out
