@@ -16,6 +16,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from lardo_ray.config_base import ConfigError, RayResources, Section
+from lardo_ray.finetune.settings import CompareConfig, FinetuneConfig
+from lardo_ray.llm.settings import DescribeConfig
+from lardo_ray.train.settings import EmbedConfig, FeaturizeConfig, ModelConfig, PretrainConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "RayResources", "Section", "load_config", "dump_config"]
 
@@ -79,6 +82,13 @@ class PipelineConfig(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     dsm: DsmConfig = Field(default_factory=DsmConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    featurize: FeaturizeConfig = Field(default_factory=FeaturizeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("dsm")

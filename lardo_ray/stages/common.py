@@ -185,12 +185,18 @@ class ShardWorker:
         raise NotImplementedError
 
     def columns(self) -> list[str] | None:
+        """Upstream columns this stage needs (missing ones are skipped); None = all."""
         return None
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         chunk_id = unit["chunk_id"]
-        table = pq.read_table(self.up.data_path(chunk_id), columns=self.columns(), filesystem=self.up.fs)
+        path = self.up.data_path(chunk_id)
+        wanted = self.columns()
+        if wanted is not None:  # optional columns (e.g. text_embedding) are read when the shard has them
+            names = set(pq.read_schema(path, filesystem=self.up.fs).names)
+            wanted = [c for c in wanted if c in names]
+        table = pq.read_table(path, columns=wanted, filesystem=self.up.fs)
         data, rejected = self.core(table)
         if table.num_rows != data.num_rows + rejected.num_rows:
             raise RuntimeError(f"{self.stage} chunk {chunk_id}: {table.num_rows} read != written + rejected")

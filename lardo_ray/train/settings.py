@@ -16,6 +16,10 @@ from lardo_ray.config_base import RayResources, Section
 class FeaturizeConfig(Section):
     """SMILES -> OGB graph columns (lardo_ray.chem.graph.GraphFeaturizer)."""
 
+    upstream: Literal["auto", "embed", "describe", "dsm"] = Field(
+        default="auto",
+        description="stage whose shards are featurized; auto = embed when model.freeze_text, else describe",
+    )
     batch_rows: int = Field(default=2_000, ge=1, description="rows per featurizer call inside a unit of work")
     ray: RayResources = Field(
         default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the featurize stage"

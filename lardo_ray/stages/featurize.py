@@ -1,0 +1,64 @@
+"""Stage featurize: canonical SMILES -> OGB graph columns. Its output is the pre-training table.
+
+Reads the previous stage's shards one to one (``embed`` when the text encoder is frozen, else
+``describe``; ``dsm`` when asked), carries forward only what training needs, and adds x, edge_index,
+edge_attr, num_nodes, num_edges (layout: lardo_ray.chem.graph).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from lardo_ray import schema
+from lardo_ray.config import PipelineConfig
+from lardo_ray.stages.common import ShardWorker, StageSummary, run_derived_stage
+
+STAGE = "featurize"
+CARRIED = [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEXT_EMBEDDING, schema.TEMPLATE_ID]
+
+
+def featurize_upstream(cfg: PipelineConfig) -> str:
+    if cfg.featurize.upstream != "auto":
+        return cfg.featurize.upstream
+    return "embed" if cfg.model.freeze_text else "describe"
+
+
+class FeaturizeCore:
+    """GraphFeaturizer with rejected rows in the pipeline's shape (input_smiles, reason, detail, stage)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from lardo_ray.chem.graph import GraphFeaturizer
+
+        self.featurizer = GraphFeaturizer()
+        self.batch_rows = cfg.featurize.batch_rows
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        outs, rejs = [], []
+        for start in range(0, max(table.num_rows, 1), self.batch_rows):
+            g, r = self.featurizer(table.slice(start, self.batch_rows))
+            outs.append(g)
+            rejs.append(r)
+        rej = pa.concat_tables(rejs)
+        rej = pa.table({
+            schema.MOL_ID: rej.column(schema.MOL_ID),
+            schema.INPUT_SMILES: rej.column(schema.CANONICAL_SMILES),
+            schema.REJECT_REASON: rej.column(schema.REJECT_REASON),
+            schema.REJECT_DETAIL: rej.column(schema.REJECT_DETAIL),
+            schema.STAGE: pa.array([STAGE] * rej.num_rows, pa.string()),
+        })
+        return pa.concat_tables(outs), rej
+
+
+class FeaturizeWorker(ShardWorker):
+    stage = STAGE
+
+    def build_core(self, cfg: PipelineConfig):
+        return FeaturizeCore(cfg)
+
+    def columns(self) -> list[str]:
+        return CARRIED
+
+
+def run_featurize(cfg: PipelineConfig, tracker=None) -> StageSummary:
+    return run_derived_stage(cfg, STAGE, featurize_upstream(cfg), FeaturizeWorker, cfg.featurize.ray,
+                             sections=("featurize",), tracker=tracker)
