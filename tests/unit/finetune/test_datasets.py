@@ -58,8 +58,9 @@ def test_config_drives_load_task():
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown dataset"):
         FinetuneConfig(dataset="nope")
-    with pytest.raises(ValueError, match="data_path, label_columns, task_type"):
-        FinetuneConfig()
+    assert FinetuneConfig().dataset == "bbbp"  # the bundled set: the whole pipeline validates with defaults
+    with pytest.raises(ValueError, match="finetune.data_path, finetune.label_columns, finetune.task_type"):
+        FinetuneConfig(dataset=None)
     with pytest.raises(ValueError, match="split_column"):
         FinetuneConfig(dataset="bbbp", split="column")
     with pytest.raises(ValueError, match="summing to 1"):
