@@ -1,11 +1,6 @@
-"""`ray job submit ... -- python jobs/dsm.py --config configs/demo.yaml`: the DSM stage as a Ray job."""
+"""Ray job entry point of `lardo-ray dsm` (same flags; see --help)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lardo_ray.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["dsm", *sys.argv[1:]]))
+    run("dsm")

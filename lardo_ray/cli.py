@@ -66,12 +66,40 @@ def _print_mlflow_hint(cfg: PipelineConfig, not_logged: list[str]) -> None:
     print(f"  MLflow      experiment '{cfg.tracking.experiment}': {ui}")
 
 
+def _print_summary(cfg: PipelineConfig, summary) -> int:
+    print("\n".join(summary.lines()))
+    _print_mlflow_hint(cfg, summary.not_logged)
+    return 0
+
+
+def cmd_featurize(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.featurize import run_featurize
+
+    return _print_summary(cfg, run_featurize(cfg))
+
+
+def cmd_embed(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.embed import run_embed
+
+    return _print_summary(cfg, run_embed(cfg))
+
+
 # name -> (help, handler, extra-arguments adder). Later stages add their rows here.
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
     "dsm": (
         "ingest + DSM: standardise molecules, assign mol_id, compute RDKit descriptors (Ray Data actor pool)",
         cmd_dsm,
         lambda p: p.add_argument("--list-descriptors", action="store_true", help="list the DSM registry and exit"),
+    ),
+    "embed": (
+        "frozen text encoder: one embedding per description (reads describe/, writes embed/)",
+        cmd_embed,
+        None,
+    ),
+    "featurize": (
+        "SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",
+        cmd_featurize,
+        None,
     ),
 }
 

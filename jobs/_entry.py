@@ -1,0 +1,17 @@
+"""Shared by the job scripts: `ray job submit --working-dir . -- python jobs/<stage>.py [flags]`.
+
+A job script is the CLI subcommand of the same name, so a job and `lardo-ray <stage>` never differ.
+The working directory Ray ships is put on sys.path, so the job needs no pip install on the cluster
+beyond the dependencies.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(stage: str) -> None:
+    from lardo_ray.cli import main
+
+    sys.exit(main([stage, *sys.argv[1:]]))

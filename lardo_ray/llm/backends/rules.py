@@ -1,0 +1,144 @@
+"""The rules backend: no LLM. Deterministic, readable descriptions from the template and the DSM values.
+
+It is the fallback when no LLM is available, the "without LLM" ablation, and the cheap bulk path of the
+demo (``llm_slice``). The text follows the lardo stage-2 answer format (one ``<Property>: <value> - ...``
+line per template property, then ``Overall: ...``) and states only DSM values, so the post-check finds no
+wrong number in it (a rationale that itself contains a checkable number is left out to keep that true).
+The ``no_dsm`` variant does not apply: the rules always write from the DSM values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+from lardo_ray.llm.backends.base import DescribeRecord, Generation, LLMBackend, Messages
+from lardo_ray.llm.postcheck import check
+from lardo_ray.llm.prompts import format_value, label_of
+from lardo_ray.llm.settings import DescribeConfig, SamplingParams
+
+RULES_VERSION = "rules-v1"
+
+_OP = r"(<=|>=|≤|≥|<|>|=<|=>)"
+_NUM = r"(-?\d+(?:\.\d+)?)"
+
+
+def parse_threshold(text: str | None) -> tuple[str, float, float | None] | None:
+    """'< 90 Å²' -> ('<', 90, None); '1 to 3' -> ('range', 1, 3); anything else -> None."""
+    if not text:
+        return None
+    t = text.strip().replace("≤", "<=").replace("≥", ">=").replace("=<", "<=").replace("=>", ">=")
+    m = re.match(rf"^\s*(?:between\s+)?{_NUM}\s*(?:to|and|-|–)\s*{_NUM}", t, re.I)
+    if m:
+        a, b = float(m.group(1)), float(m.group(2))
+        return ("range", min(a, b), max(a, b))
+    m = re.match(rf"^\s*{_OP}\s*{_NUM}", t)
+    if m:
+        return (m.group(1), float(m.group(2)), None)
+    words = {"below": "<", "under": "<", "less than": "<", "at most": "<=", "up to": "<=", "above": ">",
+             "over": ">", "more than": ">", "greater than": ">", "at least": ">="}
+    for w, op in words.items():
+        m = re.match(rf"^\s*{w}\s+{_NUM}", t, re.I)
+        if m:
+            return (op, float(m.group(1)), None)
+    return None
+
+
+def _meets(value: float, thr: tuple[str, float, float | None]) -> bool:
+    op, a, b = thr
+    if op == "range":
+        return a <= value <= b
+    return {"<": value < a, "<=": value <= a, ">": value > a, ">=": value >= a}[op]
+
+
+def _thr_text(thr: tuple[str, float, float | None]) -> str:
+    def f(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    op, a, b = thr
+    return f"{f(a)} to {f(b)}" if op == "range" else f"{op} {f(a)}"
+
+
+def _short_endpoint(endpoint: str) -> str:
+    text = re.sub(r"\s*\([^)]*\)", "", endpoint).strip().rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+_DIR = {
+    "higher": "higher values favour {e}",
+    "lower": "lower values favour {e}",
+    "range": "intermediate values favour {e}",
+}
+
+
+class RulesBackend(LLMBackend):
+    name = "rules"
+    uses_sampling = False
+
+    def __init__(self, model: str = RULES_VERSION, include_rationale: bool = False):
+        # Rationales are the same for every molecule: they cost text-encoder tokens and tell molecules
+        # apart not at all, so they are off by default.
+        super().__init__((model or RULES_VERSION) + ("+rationale" if include_rationale else ""))
+        self.include_rationale = include_rationale
+
+    @classmethod
+    def from_config(cls, cfg: DescribeConfig) -> "RulesBackend":
+        return cls(RULES_VERSION)
+
+    def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Generation]:
+        msg = "the rules backend writes from structured inputs: call describe_batch(records)"
+        return [Generation.failed(msg) for _ in prompts]
+
+    def describe_batch(self, records: list[DescribeRecord], sampling: SamplingParams) -> list[Generation]:
+        out = []
+        for r in records:
+            t0 = time.perf_counter()
+            try:
+                text = self.describe(r)
+                out.append(Generation(text=text, latency_s=time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - one odd record must not lose the batch
+                out.append(Generation.failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0))
+        return out
+
+    def describe(self, record: DescribeRecord) -> str:
+        tpl, values = record.template, record.values
+        endpoint = _short_endpoint(tpl.endpoint)
+        lines: list[str] = []
+        met = judged = 0
+        for prop in tpl.properties:
+            thr = parse_threshold(prop.threshold)
+            rationale = (prop.rationale or "").strip().rstrip(".") if self.include_rationale else ""
+            # A rationale that states a checkable number could contradict this molecule: leave it out.
+            if rationale and check(rationale, {}).details:
+                rationale = ""
+            for d in prop.descriptors:
+                v = values.get(d)
+                value_text = format_value(d, v)
+                parts: list[str] = []
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    parts.append("no value could be computed")
+                elif thr is not None:
+                    judged += 1
+                    ok = _meets(float(v), thr)
+                    met += ok
+                    where = "within" if ok else "outside"
+                    parts.append(f"{where} the favourable guide range ({_thr_text(thr)})")
+                elif prop.direction in _DIR:
+                    parts.append(_DIR[prop.direction].format(e="the endpoint"))
+                if rationale:
+                    parts.append(rationale[:1].lower() + rationale[1:])
+                line = f"{label_of(d)}: {value_text}"
+                if parts:
+                    line += " - " + "; ".join(parts)
+                lines.append(line + ".")
+        if judged:
+            share = met / judged
+            verdict = (
+                "a profile that favours" if share >= 0.75 else "a mixed profile for" if share >= 0.4
+                else "a profile that disfavours"
+            )
+            lines.append(f"Overall: the molecule meets {met} of the {judged} guide ranges, {verdict} {endpoint}.")
+        else:
+            lines.append(f"Overall: computed physicochemical profile relevant to {endpoint}.")
+        return "\n".join(lines)

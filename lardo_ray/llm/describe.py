@@ -1,0 +1,344 @@
+"""Stage 2 of the describe stage, without Ray: DSM rows in, one description per molecule out.
+
+``DescribeStage2(cfg, template, backend)(batch)`` takes a pyarrow Table of DSM-stage rows (``mol_id``,
+``smiles`` and descriptor columns; descriptors the prompt or the post-check need but the batch lacks are
+computed on the fly) and returns one row per input row with the columns of ``OUTPUT_SCHEMA`` plus the
+input's non-descriptor columns (labels, ``input_smiles``, ...). Failed rows are kept, with ``error`` set and
+a null ``description``. The Ray wrapper builds one instance per actor (the backend is loaded once).
+
+For engines that generate outside this class (e.g. a Ray Data vLLM processor), split the call:
+``prepared = stage.prepare(batch)``, generate ``prepared.llm_requests()``, then
+``stage.finish(batch, prepared, {row: Generation})``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from lardo_ray.chem.descriptors import DescriptorCalculator, registry
+from lardo_ray.llm.backends.base import DescribeRecord, Generation, LLMBackend, Messages, create_backend
+from lardo_ray.llm.backends.rules import RulesBackend
+from lardo_ray.llm.postcheck import CHECKABLE, PostcheckResult, check, correct
+from lardo_ray.llm.prompts import PROMPT_VERSION, PromptBuilder
+from lardo_ray.llm.settings import DescribeConfig
+from lardo_ray.llm.stage1 import Template, generic_template
+from lardo_ray.schema import CANONICAL_SMILES, DESCRIPTION, MOL_ID, TEMPLATE_ID
+
+USE_LLM = "use_llm"  # optional bool input column: False routes the row to the rules backend (llm_slice)
+
+OUTPUT_SCHEMA = pa.schema([
+    (MOL_ID, pa.string()),
+    (CANONICAL_SMILES, pa.string()),
+    (DESCRIPTION, pa.string()),
+    (TEMPLATE_ID, pa.string()),
+    ("backend", pa.string()),
+    ("model", pa.string()),
+    ("sampling_params", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("latency_s", pa.float64()),
+    ("n_claims", pa.int64()),
+    ("n_wrong", pa.int64()),
+    ("n_claims_before", pa.int64()),
+    ("n_wrong_before", pa.int64()),
+    ("n_regenerations", pa.int64()),
+    ("wrong_claims", pa.string()),
+    ("error", pa.string()),
+    ("cache_key", pa.string()),
+])
+OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
+
+
+def cache_key(smiles: str, template_id: str, model: str, sampling_json: str, *extra: str) -> str:
+    """Identity of one description: same inputs -> same key on every node and run."""
+    payload = json.dumps([smiles, template_id, model, sampling_json, *extra], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def resolve_template(
+    cfg: DescribeConfig,
+    backend: LLMBackend | None = None,
+    generate: Callable[[Messages], str] | None = None,
+) -> Template:
+    """The stage-1 template a run uses, in order of precedence:
+
+    ``cfg.template_path`` (a saved template) > the ``no_stage1`` variant (generic template) > the rules
+    backend or no LLM given (the card's default properties) > stage 1 with ``generate`` (a one-prompt text
+    function, e.g. an endpoint call from the driver) or ``backend`` (``generate_fn(backend, ...)``), cached in
+    ``cfg.template_cache_dir``.
+    """
+    from lardo_ray.llm.backends.base import generate_fn
+    from lardo_ray.llm.cards import load_card
+    from lardo_ray.llm.stage1 import build_template, default_template
+
+    if cfg.template_path:
+        return Template.load(cfg.template_path)
+    if cfg.variant == "no_stage1":
+        return generic_template(cfg.prompt_set)
+    card = load_card(cfg.task)
+    if generate is None and (backend is None or isinstance(backend, RulesBackend)):
+        return default_template(card, cfg.prompt_set, reason="no LLM for stage 1 (rules backend)")
+    fn = generate or generate_fn(backend, cfg.sampling.for_stage(1))
+    return build_template(card, fn, cfg.prompt_set, cfg.stage1_retries, model=cfg.model_name,
+                          cache_dir=cfg.template_cache_dir)
+
+
+@dataclass
+class Prepared:
+    """Per-row inputs of one batch: records (None = the row already failed), values, routing."""
+
+    records: list[DescribeRecord | None]
+    values: list[dict[str, float]]
+    errors: list[str | None]
+    use_llm: list[bool]
+    extra: dict = field(default_factory=dict)
+
+    def llm_requests(self) -> list[tuple[int, Messages]]:
+        return [(i, r.messages) for i, r in enumerate(self.records) if r is not None and self.use_llm[i]]
+
+
+class DescribeStage2:
+    def __init__(self, cfg: DescribeConfig, template: Template | None, backend: LLMBackend | None = None):
+        self.cfg = cfg
+        if cfg.variant == "no_stage1":
+            template = generic_template(cfg.prompt_set)
+        elif template is None:
+            raise ValueError("DescribeStage2 needs a template (stage 1) unless variant == 'no_stage1'")
+        self.template = template
+        self.backend = backend if backend is not None else create_backend(cfg)
+        self.rules = self.backend if isinstance(self.backend, RulesBackend) else RulesBackend()
+        self.builder = PromptBuilder(cfg.prompt_set, cfg.variant, template)
+        self.sampling = cfg.sampling.for_stage(2)
+        reg = registry()
+        needed: list[str] = []
+        for name in [*self.builder.descriptors, *template.descriptors(), *CHECKABLE]:
+            if name in reg and name not in needed:
+                needed.append(name)
+        self.needed = needed
+        self._llm_rows_used = 0  # llm_slice bookkeeping for batches without a use_llm column
+        self._calculators: dict[tuple[str, ...], DescriptorCalculator] = {}
+
+    # ---------------------------------------------------------------------------------------- inputs
+    def _values(self, batch: pa.Table, smiles: list[str | None]) -> tuple[list[dict[str, float]], list[str | None]]:
+        n = batch.num_rows
+        cols: dict[str, np.ndarray] = {}
+        missing = []
+        for name in self.needed:
+            if name in batch.column_names:
+                # nulls become NaN: "the DSM could not compute it", never a claim to check against
+                cols[name] = batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(float)
+            else:
+                missing.append(name)
+        errors: list[str | None] = [None] * n
+        if missing:
+            from rdkit import Chem
+
+            mols, idx = [], []
+            for i, s in enumerate(smiles):
+                mol = Chem.MolFromSmiles(s) if s else None
+                if mol is None:
+                    errors[i] = f"invalid SMILES: {s!r}"[:200]
+                else:
+                    mols.append(mol)
+                    idx.append(i)
+            key = tuple(missing)
+            calc = self._calculators.get(key) or self._calculators.setdefault(key, DescriptorCalculator(missing))
+            vals, _ = calc.compute(mols)
+            for j, name in enumerate(missing):
+                col = np.full(n, np.nan)
+                col[idx] = vals[:, j]
+                cols[name] = col
+        out = [{name: float(cols[name][i]) for name in self.needed} for i in range(n)]
+        return out, errors
+
+    def _route(self, batch: pa.Table) -> list[bool]:
+        n = batch.num_rows
+        if isinstance(self.backend, RulesBackend):
+            return [False] * n
+        if USE_LLM in batch.column_names:
+            return [bool(v) if v is not None else False for v in batch.column(USE_LLM).to_pylist()]
+        if self.cfg.llm_slice is None:
+            return [True] * n
+        left = max(self.cfg.llm_slice - self._llm_rows_used, 0)
+        take = min(left, n)
+        self._llm_rows_used += take
+        return [i < take for i in range(n)]
+
+    def prepare(self, batch: pa.Table) -> Prepared:
+        n = batch.num_rows
+        if CANONICAL_SMILES not in batch.column_names:
+            raise KeyError(f"describe input needs a {CANONICAL_SMILES!r} column; got {batch.column_names}")
+        smiles = batch.column(CANONICAL_SMILES).to_pylist()
+        if MOL_ID in batch.column_names:
+            ids = batch.column(MOL_ID).to_pylist()
+        else:
+            from lardo_ray.chem.standardise import mol_id_of
+
+            ids = [mol_id_of(s) if s else None for s in smiles]
+        values, errors = self._values(batch, smiles)
+        use_llm = self._route(batch)
+        records: list[DescribeRecord | None] = []
+        for i in range(n):
+            if errors[i] is not None or not smiles[i]:
+                errors[i] = errors[i] or "missing SMILES"
+                records.append(None)
+                continue
+            try:
+                msgs = self.builder.stage2(smiles[i], values[i])
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"prompt failed: {type(e).__name__}: {e}"
+                records.append(None)
+                continue
+            records.append(DescribeRecord(
+                smiles=smiles[i], messages=msgs, values=values[i], template=self.template,
+                prompt_descriptors=self.builder.descriptors, mol_id=ids[i], prompt_set=self.cfg.prompt_set,
+                variant=self.cfg.variant,
+            ))
+        return Prepared(records, values, errors, use_llm, {"ids": ids, "smiles": smiles})
+
+    # ---------------------------------------------------------------------------------------- run
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prepared = self.prepare(batch)
+        gens: dict[int, Generation] = {}
+        llm_rows = [i for i, r in enumerate(prepared.records) if r is not None and prepared.use_llm[i]]
+        rule_rows = [i for i, r in enumerate(prepared.records) if r is not None and not prepared.use_llm[i]]
+        if llm_rows:
+            out = self._safe_describe(self.backend, [prepared.records[i] for i in llm_rows])
+            gens.update(zip(llm_rows, out))
+        if rule_rows:
+            out = self._safe_describe(self.rules, [prepared.records[i] for i in rule_rows])
+            gens.update(zip(rule_rows, out))
+        return self.finish(batch, prepared, gens)
+
+    def _safe_describe(self, backend: LLMBackend, records: list[DescribeRecord], seed_offset: int = 0):
+        sampling = self.sampling
+        if seed_offset and sampling.seed is not None:
+            sampling = sampling.with_seed(sampling.seed + seed_offset)
+        try:
+            out = backend.describe_batch(records, sampling)
+            if len(out) != len(records):
+                raise RuntimeError(f"backend returned {len(out)} generations for {len(records)} prompts")
+            return out
+        except Exception as e:  # noqa: BLE001 - a backend crash fails these rows, not the job
+            return [Generation.failed(f"backend error: {type(e).__name__}: {str(e)[:300]}") for _ in records]
+
+    # ---------------------------------------------------------------------------------------- post
+    def _check(self, text: str | None, values: dict[str, float]) -> PostcheckResult:
+        return check(text, values, self.cfg.rel_tolerance, self.cfg.abs_tolerance)
+
+    def finish(self, batch: pa.Table, prepared: Prepared, gens: dict[int, Generation]) -> pa.Table:
+        cfg, n = self.cfg, batch.num_rows
+        mode = cfg.postcheck
+        texts: list[str | None] = [None] * n
+        errors = list(prepared.errors)
+        ptok = [0] * n
+        ctok = [0] * n
+        lat = [0.0] * n
+        for i in range(n):
+            g = gens.get(i)
+            if prepared.records[i] is None:
+                continue
+            if g is None:
+                errors[i] = errors[i] or "not generated"
+                continue
+            texts[i], ptok[i], ctok[i], lat[i] = g.text, g.prompt_tokens, g.completion_tokens, g.latency_s
+            if g.error is not None or g.text is None:
+                errors[i] = g.error or "empty generation"
+                texts[i] = None
+
+        before: list[PostcheckResult | None] = [None] * n
+        if mode != "off":
+            for i in range(n):
+                if texts[i] is not None:
+                    before[i] = self._check(texts[i], prepared.values[i])
+
+        regens = [0] * n
+        if mode == "regenerate" and not isinstance(self.backend, RulesBackend):
+            best = list(before)
+            for attempt in range(1, cfg.max_regenerations + 1):
+                redo = [i for i in range(n) if best[i] is not None and best[i].n_wrong > 0 and prepared.use_llm[i]]
+                if not redo:
+                    break
+                out = self._safe_describe(self.backend, [prepared.records[i] for i in redo], seed_offset=attempt)
+                for i, g in zip(redo, out):
+                    regens[i] += 1
+                    ptok[i] += g.prompt_tokens
+                    ctok[i] += g.completion_tokens
+                    lat[i] += g.latency_s
+                    if g.error is None and g.text:
+                        res = self._check(g.text, prepared.values[i])
+                        if res.n_wrong < best[i].n_wrong:
+                            best[i], texts[i] = res, g.text
+
+        after: list[PostcheckResult | None] = [None] * n
+        for i in range(n):
+            if texts[i] is None or mode == "off":
+                continue
+            res = self._check(texts[i], prepared.values[i])
+            if mode in ("correct", "regenerate") and res.n_wrong:
+                texts[i] = correct(texts[i], prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance)
+                res = self._check(texts[i], prepared.values[i])
+            after[i] = res
+
+        return self._table(batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens)
+
+    def _table(self, batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens) -> pa.Table:
+        n = batch.num_rows
+        cfg = self.cfg
+        llm_sampling = self.sampling.key()
+        tid = self.template.template_id
+        backend_col, model_col, samp_col, keys, wrong_json = [], [], [], [], []
+        extra = [cfg.prompt_set, cfg.variant, cfg.postcheck, str(PROMPT_VERSION)]
+        for i in range(n):
+            b = self.backend if prepared.use_llm[i] else self.rules
+            samp = llm_sampling if b.uses_sampling else "{}"
+            backend_col.append(b.name)
+            model_col.append(b.model)
+            samp_col.append(samp)
+            s = prepared.extra["smiles"][i]
+            keys.append(cache_key(s, tid, b.model, samp, b.name, *extra) if s else None)
+            wr = before[i].wrong() if before[i] is not None else []
+            wrong_json.append(
+                json.dumps([{"descriptor": d.descriptor, "claimed": d.claimed, "true": round(d.true, 4)} for d in wr])
+                if before[i] is not None else None
+            )
+
+        def ints(results, attr):
+            return [getattr(r, attr) if r is not None else None for r in results]
+
+        cols = {
+            MOL_ID: prepared.extra["ids"],
+            CANONICAL_SMILES: prepared.extra["smiles"],
+            DESCRIPTION: texts,
+            TEMPLATE_ID: [tid] * n,
+            "backend": backend_col,
+            "model": model_col,
+            "sampling_params": samp_col,
+            "prompt_tokens": ptok,
+            "completion_tokens": ctok,
+            "latency_s": [float(x) if x is not None and not math.isnan(x) else None for x in lat],
+            "n_claims": ints(after, "n_claims"),
+            "n_wrong": ints(after, "n_wrong"),
+            "n_claims_before": ints(before, "n_claims"),
+            "n_wrong_before": ints(before, "n_wrong"),
+            "n_regenerations": regens,
+            "wrong_claims": wrong_json,
+            "error": errors,
+            "cache_key": keys,
+        }
+        arrays = [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
+        table = pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+        if cfg.carry_input_columns:
+            reg = registry()
+            skip = set(OUTPUT_COLUMNS) | {USE_LLM}
+            for name in batch.column_names:
+                if name not in skip and name not in reg:
+                    table = table.append_column(batch.schema.field(name), batch.column(name))
+        return table

@@ -1,0 +1,155 @@
+"""Post-check (planted wrong numbers are caught and corrected) and the rules backend (deterministic, clean)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lardo_ray.llm.backends.base import DescribeRecord
+from lardo_ray.llm.backends.rules import RulesBackend, parse_threshold
+from lardo_ray.llm.cards import load_card
+from lardo_ray.llm.postcheck import check, correct
+from lardo_ray.llm.settings import SamplingParams
+from lardo_ray.llm.stage1 import PropertyClaim, calibrate, default_template, generic_template
+
+VALUES = {"MolLogP": 2.314, "MolWt": 310.36, "TPSA": 45.23, "NumHDonors": 2.0, "NumHAcceptors": 4.0,
+          "NumRotatableBonds": 5.0, "NumAromaticRings": 2.0, "RingCount": 3.0, "qed": 0.62, "FractionCSP3": 0.35,
+          "HeavyAtomCount": 22.0}
+
+
+@pytest.mark.parametrize(
+    "text,descriptor,claimed",
+    [
+        ("The molecule has a logP of 3.9.", "MolLogP", 3.9),
+        ("Molecular weight: 250 g/mol.", "MolWt", 250.0),
+        ("Its TPSA is 95 Å², which is high.", "TPSA", 95.0),
+        ("It carries 3 hydrogen bond donors.", "NumHDonors", 3.0),
+        ("There are five hydrogen bond acceptors.", "NumHAcceptors", 5.0),
+        ("A rigid molecule with no rotatable bonds.", "NumRotatableBonds", 0.0),
+        ("It contains 4 aromatic rings.", "NumAromaticRings", 4.0),
+        ("QED score 0.91, quite drug-like.", "qed", 0.91),
+        ("[Lipophilicity]: LogP of <MOLECULE>: -1.2", "MolLogP", -1.2),
+        ("The compound weighs 420 g/mol.", "MolWt", 420.0),
+        ("The molecular weight is 1,250.5 Da.", "MolWt", 1250.5),
+        ("Fsp3 of 0.8.", "FractionCSP3", 0.8),
+    ],
+)
+def test_planted_wrong_number_is_caught_and_corrected(text, descriptor, claimed):
+    res = check(text, VALUES)
+    assert res.n_wrong == 1 and res.n_claims == 1, res.details
+    d = res.wrong()[0]
+    assert d.descriptor == descriptor and d.claimed == pytest.approx(claimed)
+    fixed = correct(text, VALUES)
+    again = check(fixed, VALUES)
+    assert again.n_wrong == 0 and again.n_claims == 1, fixed
+
+
+def test_many_planted_numbers_in_one_text():
+    text = ("The molecule has a logP of 3.9 and a molecular weight: 250 g/mol. TPSA is 45 Å². It has 3 hydrogen "
+            "bond donors and four acceptors, 5 rotatable bonds and a QED of 0.62.")
+    res = check(text, VALUES)
+    assert (res.n_claims, res.n_wrong) == (7, 3)
+    assert sorted(d.descriptor for d in res.wrong()) == ["MolLogP", "MolWt", "NumHDonors"]
+    fixed = correct(text, VALUES)
+    assert "logP of 2.31" in fixed and "weight: 310.4 g/mol" in fixed and "2 hydrogen bond donors" in fixed
+    assert "TPSA is 45 Å²" in fixed  # right within tolerance: untouched
+    assert check(fixed, VALUES).n_wrong == 0
+
+
+def test_right_numbers_pass():
+    text = "LogP (Crippen): 2.31. Molecular weight: 310.4 g/mol. TPSA: 45.2 Å². Hydrogen bond donors: 2."
+    res = check(text, VALUES)
+    assert (res.n_claims, res.n_wrong) == (4, 0)
+    assert correct(text, VALUES) == text
+    # tolerance: 5 % relative for continuous values, counts exact
+    assert check("molecular weight of 320 g/mol", VALUES).n_wrong == 0
+    assert check("molecular weight of 340 g/mol", VALUES).n_wrong == 1
+    assert check("logP of 2.3", VALUES, rel_tolerance=0.0, abs_tolerance=0.0).n_wrong == 0  # stated precision
+    assert check("logP of 2.2", VALUES, rel_tolerance=0.0, abs_tolerance=0.0).n_wrong == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A TPSA below 90 Å² favours brain penetration.",
+        "An optimal logP lies between 1 and 3.",
+        "logP 1-3 is ideal",
+        "fewer than 5 hydrogen bond donors",
+        "Lipinski: MW < 500 g/mol, logP <= 5, at most 10 acceptors.",
+        "Lipinski's rule of five is satisfied.",
+        "It binds at 10 nM.",
+        "TPSA of 45 Å² is well below the 90 Å² threshold.",
+        "Lipophilicity (logD 0.4) is low at pH 7.4.",
+        "Its hydration free energy is -3.2 kcal/mol.",
+    ],
+)
+def test_thresholds_are_not_claims(text):
+    res = check(text, VALUES)
+    assert res.n_wrong == 0, res.details
+
+
+def test_missing_value_is_not_counted():
+    res = check("logP of 9.9", {"MolLogP": float("nan")})
+    assert res.n_claims == 0 and res.details and res.details[0].ok is None
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+@pytest.fixture(scope="module")
+def records(bbbp20):
+    from lardo_ray.chem.descriptors import DescriptorCalculator
+    from rdkit import Chem
+
+    tpl = default_template(load_card("bbbp"))
+    names = ["MolLogP", "MolWt", "TPSA", "NumHDonors", "NumHAcceptors", "NumRotatableBonds", "NumAromaticRings",
+             "FractionCSP3", "qed", "HeavyAtomCount", "RingCount"]
+    smiles = bbbp20.column("smiles").to_pylist()
+    vals, _ = DescriptorCalculator(names).compute([Chem.MolFromSmiles(s) for s in smiles])
+    return [DescribeRecord(smiles=s, messages=[], values=dict(zip(names, map(float, vals[i]))), template=tpl)
+            for i, s in enumerate(smiles)]
+
+
+def test_rules_deterministic_and_postcheck_clean(records):
+    backend = RulesBackend()
+    a = backend.describe_batch(records, SamplingParams())
+    b = RulesBackend().describe_batch(list(reversed(records)), SamplingParams(temperature=1.0, seed=7))
+    assert [g.text for g in a] == [g.text for g in reversed(b)]
+    assert all(g.error is None and g.text for g in a)
+    for r, g in zip(records, a):
+        res = check(g.text, r.values)
+        assert res.n_wrong == 0, (g.text, res.details)
+        assert res.n_claims == 6  # every template value is stated and verified
+    assert len({g.text for g in a}) == len(a)  # molecules are told apart
+    assert "LogP (Crippen): " in a[0].text and a[0].text.splitlines()[-1].startswith("Overall:")
+
+
+def test_rules_with_llm_template_and_rationale(records):
+    claims = [
+        PropertyClaim(property="logP", direction="range", threshold="1 to 3", rationale="a logP of 2 is ideal"),
+        PropertyClaim(property="aromatic rings", direction="higher", rationale="stacking in the pocket"),
+        PropertyClaim(property="Fsp3", direction="higher", threshold=">= 0.3"),
+        PropertyClaim(property="QED", threshold="around 0.6"),
+    ]
+    tpl = calibrate(claims, load_card("bace"))
+    backend = RulesBackend(include_rationale=True)
+    for r in records:
+        r2 = DescribeRecord(smiles=r.smiles, messages=[], values=r.values, template=tpl)
+        text = backend.describe(r2)
+        assert check(text, r.values).n_wrong == 0, text
+        assert "ideal" not in text  # a rationale stating a number is left out
+        assert "stacking in the pocket" in text
+    assert RulesBackend().generate([[{"role": "user", "content": "hi"}]], SamplingParams())[0].error
+
+
+def test_rules_generic_template_and_nan(records):
+    tpl = generic_template()
+    vals = dict(records[0].values, TPSA=float("nan"))
+    text = RulesBackend().describe(DescribeRecord(smiles="C", messages=[], values=vals, template=tpl))
+    assert "not computable" in text and check(text, vals).n_wrong == 0
+
+
+def test_parse_threshold():
+    assert parse_threshold("< 90 Å²") == ("<", 90.0, None)
+    assert parse_threshold("1 to 3") == ("range", 1.0, 3.0)
+    assert parse_threshold("≤ 5") == ("<=", 5.0, None)
+    assert parse_threshold("below 500 g/mol") == ("<", 500.0, None)
+    assert parse_threshold("around 0.6") is None and parse_threshold(None) is None
