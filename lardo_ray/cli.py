@@ -78,6 +78,19 @@ def cmd_featurize(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return _print_summary(cfg, run_featurize(cfg))
 
 
+def cmd_describe(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    if args.list_tasks:
+        from lardo_ray.llm.cards import list_cards, load_card
+
+        for name in list_cards():
+            card = load_card(name)
+            print(f"{name:14s} {card.task_type:15s} {card.endpoint}")
+        return 0
+    from lardo_ray.stages.describe import run_describe
+
+    return _print_summary(cfg, run_describe(cfg))
+
+
 def cmd_embed(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lardo_ray.stages.embed import run_embed
 
@@ -90,6 +103,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
         "ingest + DSM: standardise molecules, assign mol_id, compute RDKit descriptors (Ray Data actor pool)",
         cmd_dsm,
         lambda p: p.add_argument("--list-descriptors", action="store_true", help="list the DSM registry and exit"),
+    ),
+    "describe": (
+        "LarDo descriptions: stage 1 (LLM template, DSM-calibrated) + stage 2 (one per molecule); reads dsm/",
+        cmd_describe,
+        lambda p: p.add_argument("--list-tasks", action="store_true", help="list the bundled task cards and exit"),
     ),
     "embed": (
         "frozen text encoder: one embedding per description (reads describe/, writes embed/)",

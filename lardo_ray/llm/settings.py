@@ -157,6 +157,9 @@ class DescribeConfig(Section):
     carry_input_columns: bool = Field(
         default=True, description="carry non-descriptor input columns (labels, input_id, ...) to the output"
     )
+    retry_failed: bool = Field(
+        default=True, description="a re-run regenerates the rows whose generation failed (and only those)"
+    )
     llm_slice: int | None = Field(
         default=None,
         ge=0,

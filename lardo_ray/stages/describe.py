@@ -1,0 +1,213 @@
+"""Stage describe: stage 1 once per task (the template), stage 2 once per molecule, on Ray.
+
+Stage 1 runs in one Ray task with the stage's resources (so an LLM that needs a GPU gets one), is cached
+by (card, model, prompt set) under ``<out>/describe/templates`` and logged to MLflow. Stage 2 reads the
+DSM shards one to one: the rules, hf and openai backends run in an actor pool (one backend per actor);
+the vllm backend runs on Ray Data LLM actor pools in waves of shards (lardo_ray.llm.vllm_data), each
+wave written and marked as a whole. Failed generations stay in the output with their error; a re-run
+retries only those rows and skips everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lardo_ray import schema
+from lardo_ray.config import PipelineConfig, dump_config
+from lardo_ray.io import StageOutput
+from lardo_ray.stages.common import (
+    ShardWorker,
+    StageSummary,
+    finish,
+    num_rows,
+    open_output,
+    reconcile,
+    run_pending,
+    upstream_chunks,
+)
+
+log = logging.getLogger("lardo_ray")
+STAGE = "describe"
+ERROR = "error"
+USE_LLM = "use_llm"
+
+
+def _empty_rejected() -> pa.Table:
+    return pa.table({c: pa.array([], pa.string()) for c in
+                     (schema.MOL_ID, schema.INPUT_SMILES, schema.REJECT_REASON, schema.REJECT_DETAIL, schema.STAGE)})
+
+
+def _template_task(describe_cfg: dict[str, Any]) -> str:
+    """Stage 1 (runs as a Ray task, or in-process): the template as JSON."""
+    from lardo_ray.llm.backends.base import create_backend
+    from lardo_ray.llm.describe import resolve_template
+    from lardo_ray.llm.settings import DescribeConfig
+
+    cfg = DescribeConfig.model_validate(describe_cfg)
+    backend = None if cfg.backend == "rules" or cfg.variant == "no_stage1" or cfg.template_path else create_backend(cfg)
+    try:
+        return resolve_template(cfg, backend=backend).model_dump_json()
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def describe_stage1(cfg: PipelineConfig):
+    """The run's template (stage 1), computed once per task and cached."""
+    import ray
+
+    from lardo_ray.llm.stage1 import Template
+
+    dcfg = cfg.describe.model_copy()
+    if dcfg.template_cache_dir is None:
+        dcfg.template_cache_dir = f"{cfg.stage_dir(STAGE)}/templates"
+    needs_llm = not (dcfg.backend == "rules" or dcfg.variant == "no_stage1" or dcfg.template_path)
+    payload = dcfg.model_dump(mode="json")
+    if needs_llm:
+        res = cfg.describe.ray
+        task = ray.remote(_template_task).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                                  resources=dict(res.resources) or None)
+        text = ray.get(task.remote(payload))
+    else:
+        text = _template_task(payload)
+    return Template.model_validate_json(text)
+
+
+class DescribeWorker(ShardWorker):
+    """One backend per actor. A chunk already written is re-run only for its failed rows."""
+
+    stage = STAGE
+
+    def build_core(self, cfg: PipelineConfig):
+        from lardo_ray.llm.describe import DescribeStage2
+        from lardo_ray.llm.stage1 import Template
+
+        template = Template.model_validate_json(self.template_json)
+        return DescribeStage2(cfg.describe, template)
+
+    def __init__(self, config: dict[str, Any], stage_dir: str, upstream_dir: str, config_hash: str,
+                 template_json: str):
+        self.template_json = template_json
+        super().__init__(config, stage_dir, upstream_dir, config_hash)
+
+    def process(self, unit: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.time()
+        chunk_id = unit["chunk_id"]
+        table = pq.read_table(self.up.data_path(chunk_id), filesystem=self.up.fs)
+        if self.cfg.describe.llm_slice is not None:
+            start = int(unit["row_offset"])
+            flags = [start + i < self.cfg.describe.llm_slice for i in range(table.num_rows)]
+            table = table.append_column(USE_LLM, pa.array(flags, pa.bool_()))
+        if unit.get("retry_failed"):
+            data = self._retry_failed(chunk_id, table)
+        else:
+            data = self.core(table)
+        if USE_LLM in data.column_names:
+            data = data.drop_columns([USE_LLM])
+        if table.num_rows != data.num_rows:
+            raise RuntimeError(f"describe chunk {chunk_id}: {table.num_rows} read != {data.num_rows} written")
+        self.out.write_table_atomic(self.out.rejected_path(chunk_id), _empty_rejected())
+        self.out.write_table_atomic(self.out.data_path(chunk_id), data)
+        n_failed = data.num_rows - int(pc.sum(pc.is_null(data.column(ERROR))).as_py() or 0)
+        stats = {"chunk_id": chunk_id, "n_read": table.num_rows, "n_written": data.num_rows, "n_rejected": 0,
+                 "n_failed": n_failed, "seconds": round(time.time() - t0, 3), "config_hash": self.config_hash}
+        self.out.write_marker(chunk_id, stats)
+        return stats
+
+    def _retry_failed(self, chunk_id: str, table: pa.Table) -> pa.Table:
+        old = pq.read_table(self.out.data_path(chunk_id), filesystem=self.out.fs)
+        failed = pc.invert(pc.is_null(old.column(ERROR)))
+        failed_ids = set(old.filter(failed).column(schema.MOL_ID).to_pylist())
+        todo = table.filter(pa.array([m in failed_ids for m in table.column(schema.MOL_ID).to_pylist()]))
+        redone = self.core(todo)
+        by_id = {r[schema.MOL_ID]: r for r in redone.to_pylist()}
+        rows = [by_id.get(r[schema.MOL_ID], r) if r[schema.MOL_ID] in failed_ids else r for r in old.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=old.schema)
+
+
+def _quality(out: StageOutput, chunk_ids: list[str]) -> dict[str, Any]:
+    """Hallucination rate before/after calibration, failures, tokens: from the written rows."""
+    cols = ["n_claims", "n_wrong", "n_claims_before", "n_wrong_before", ERROR, "backend", "completion_tokens"]
+    tot: dict[str, float] = {"n_claims": 0, "n_wrong": 0, "n_claims_before": 0, "n_wrong_before": 0,
+                             "n_failed": 0, "completion_tokens": 0, "n_llm_rows": 0}
+    for c in chunk_ids:
+        t = pq.read_table(out.data_path(c), columns=cols, filesystem=out.fs)
+        for k in ("n_claims", "n_wrong", "n_claims_before", "n_wrong_before", "completion_tokens"):
+            tot[k] += int(pc.sum(t.column(k)).as_py() or 0)
+        tot["n_failed"] += t.num_rows - int(pc.sum(pc.is_null(t.column(ERROR))).as_py() or 0)
+        tot["n_llm_rows"] += int(pc.sum(pc.not_equal(t.column("backend"), "rules")).as_py() or 0)
+    before = tot["n_wrong_before"] / tot["n_claims_before"] if tot["n_claims_before"] else 0.0
+    after = tot["n_wrong"] / tot["n_claims"] if tot["n_claims"] else 0.0
+    return {
+        "failed": int(tot["n_failed"]),
+        "llm_rows": int(tot["n_llm_rows"]),
+        "claims": f"{int(tot['n_claims_before']):,} checked before calibration, {int(tot['n_claims']):,} after",
+        "halluc_before": round(before, 4),
+        "halluc_after": round(after, 4),
+        "gen_tokens": int(tot["completion_tokens"]),
+    }
+
+
+def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:
+    from lardo_ray.execution import init_ray
+    from lardo_ray.tracking import make_tracker
+
+    t0 = time.time()
+    up, chunk_ids, fingerprint = upstream_chunks(cfg, "dsm")
+    if cfg.describe.backend == "openai":
+        from lardo_ray.llm.backends.base import create_backend
+
+        create_backend(cfg.describe).check()  # an unreachable endpoint fails here, before any work
+    tracker = tracker or make_tracker(cfg)
+    tracker.check_reachable()
+    config_hash = cfg.fingerprint("describe")
+    out = open_output(cfg, STAGE, config_hash, fingerprint, len(chunk_ids))
+    markers = out.read_markers()
+    done = {k for k, v in markers.items() if v.get("config_hash") == config_hash}
+    retry = {k for k in done if markers[k].get("n_failed", 0) > 0} if cfg.describe.retry_failed else set()
+    rows = [num_rows(up, up.data_path(c)) for c in chunk_ids]
+    offsets = dict(zip(chunk_ids, [sum(rows[:i]) for i in range(len(rows))]))
+    rows_by_chunk = dict(zip(chunk_ids, rows))
+    todo = [c for c in chunk_ids if c not in done or c in retry]
+
+    with tracker.run(run_name=f"{cfg.run.name}/{STAGE}", tags={"stage": STAGE}):
+        tracker.log_params(cfg.model_dump(mode="json"))
+        tracker.log_text(dump_config(cfg), "config.yaml")
+        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
+        template = describe_stage1(cfg)
+        template_json = template.model_dump_json(indent=2)
+        with out.fs.open_output_stream(f"{out.path}/template.json") as f:
+            f.write(template_json.encode())
+        tracker.log_text(template_json, f"templates/{template.template_id}.json")
+        tracker.set_tags({"lardo.template_id": template.template_id})
+        units = [{"chunk_id": c, "row_offset": offsets[c], "retry_failed": c in retry} for c in todo]
+        if cfg.describe.backend == "vllm":
+            from lardo_ray.stages.describe_vllm import run_vllm_waves
+
+            run_vllm_waves(cfg, up, out, units, template, config_hash)
+        else:
+            kwargs = {"config": cfg.model_dump(mode="json"), "stage_dir": out.uri, "upstream_dir": up.uri,
+                      "config_hash": config_hash, "template_json": template_json}
+            res = cfg.describe.ray
+            run_pending(cfg, STAGE, units, DescribeWorker, kwargs, res, [rows_by_chunk[c] for c in todo])
+        summary = reconcile(out, STAGE, chunk_ids, sum(rows))
+        summary.chunks_skipped = len(chunk_ids) - len(todo)
+        summary.wall_seconds = time.time() - t0
+        summary.mol_per_s = sum(rows_by_chunk[c] for c in todo) / max(summary.wall_seconds, 1e-9)
+        kept = ", ".join(p.property for p in template.properties)
+        summary.extra.update({"template": f"{template.template_id} ({template.source}; {kept})"[:300]})
+        if template.dropped:
+            summary.extra["dropped"] = ", ".join(f"{d.property} ({d.reason})" for d in template.dropped)[:300]
+        summary.extra.update(_quality(out, chunk_ids))
+        tracker.log_metrics(summary.metrics())
+        summary.not_logged = list(tracker.not_logged)
+        summary.mlflow_run_id = tracker.run_id
+    finish(out, summary, config_hash, fingerprint, chunk_ids, template_id=template.template_id,
+           quality={k: v for k, v in summary.extra.items()})
+    return summary
