@@ -97,6 +97,42 @@ def cmd_embed(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return _print_summary(cfg, run_embed(cfg))
 
 
+def resolved_compare_config(cfg: PipelineConfig):
+    """compare reads the same MLflow store and experiment the stages log to, unless told otherwise."""
+    from lardo_ray.tracking import resolve_tracking_uri
+
+    c = cfg.compare.model_copy()
+    if c.tracking_uri is None:
+        c.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
+    if "experiment" not in cfg.compare.model_fields_set:
+        c.experiment = cfg.tracking.experiment
+    if "output_dir" not in cfg.compare.model_fields_set:
+        c.output_dir = f"{cfg.run.output_dir.rstrip('/')}/compare"
+    return c
+
+
+def cmd_compare(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.compare import compare
+
+    c = resolved_compare_config(cfg)
+    if args.experiment:
+        c.experiment = args.experiment
+    if args.metric:
+        c.metric = args.metric
+    if args.published:
+        c.include_published = True
+    result = compare(c)
+    print(result.markdown)
+    print(f"\nwrote {result.csv_path}, {result.markdown_path}, {result.png_path}  ({result.n_runs} MLflow runs)")
+    return 0
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", help="MLflow experiment to read (compare.experiment; default tracking.experiment)")
+    p.add_argument("--metric", help="roc_auc, rmse or mae (compare.metric; default per task type)")
+    p.add_argument("--published", action="store_true", help="add the published anchors (MolCLR, D-MPNN, MoleculeSTM)")
+
+
 # name -> (help, handler, extra-arguments adder). Later stages add their rows here.
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
     "dsm": (
@@ -113,6 +149,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
         "frozen text encoder: one embedding per description (reads describe/, writes embed/)",
         cmd_embed,
         None,
+    ),
+    "compare": (
+        "read fine-tune runs from MLflow: dataset x method table (mean ± std), CSV, Markdown, PNG bar chart",
+        cmd_compare,
+        _compare_args,
     ),
     "featurize": (
         "SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",

@@ -20,6 +20,8 @@ log = logging.getLogger("lardo_ray")
 def resolve_tracking_uri(tracking_uri: str | None, output_dir: str) -> str:
     if tracking_uri:
         return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # e.g. set for every job by the cluster's head
+        return os.environ["MLFLOW_TRACKING_URI"]
     if "://" in output_dir:
         return "sqlite:///mlflow.db"
     return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'mlflow.db'))}"
@@ -71,6 +73,8 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.experiment)
+        # Inside the pipeline's parent run every stage becomes a child run.
+        nested = nested or mlflow.active_run() is not None
         with mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested) as r:
             self.run_id = r.info.run_id
             yield self
