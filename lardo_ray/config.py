@@ -67,6 +67,20 @@ class DsmConfig(Section):
     ray: RayResources = Field(default_factory=lambda: RayResources(num_cpus=1.0))
 
 
+PIPELINE_STAGES = ("dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare")
+
+
+class PipelineSection(Section):
+    stages: list[Literal["dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare"]] = Field(
+        default_factory=lambda: list(PIPELINE_STAGES),
+        description="stages `lardo-ray pipeline` runs, in this order (embed is skipped when model.freeze_text=false)",
+    )
+    scratch_baseline: bool = Field(
+        default=True, description="also fine-tune a randomly initialised encoder on the same splits, for compare"
+    )
+    method_name: str = Field(default="lardo", description="method label of the pre-trained encoder in compare")
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(
@@ -89,6 +103,7 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("dsm")

@@ -75,9 +75,15 @@ class Tracker:
         mlflow.set_experiment(self.experiment)
         # Inside the pipeline's parent run every stage becomes a child run.
         nested = nested or mlflow.active_run() is not None
-        with mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested) as r:
-            self.run_id = r.info.run_id
+        r = mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested)
+        self.run_id = r.info.run_id
+        status = "FAILED"
+        try:
             yield self
+            status = "FINISHED"
+        finally:
+            # end_run pops the run first and then calls the server: a dead server costs only the status.
+            self._safe(f"run status {status}", mlflow.end_run, status)
 
     def _safe(self, what: str, fn, *args, **kwargs) -> None:
         if not self.enabled or self.run_id is None:
