@@ -127,6 +127,18 @@ def cmd_compare(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.pipeline import run_pipeline
+
+    result = run_pipeline(cfg)
+    print()
+    print("\n".join(result.lines()))
+    if result.compare_markdown:
+        print("\n" + result.compare_markdown)
+    _print_mlflow_hint(cfg, [])
+    return 0
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment to read (compare.experiment; default tracking.experiment)")
     p.add_argument("--metric", help="roc_auc, rmse or mae (compare.metric; default per task type)")
@@ -148,6 +160,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
     "embed": (
         "frozen text encoder: one embedding per description (reads describe/, writes embed/)",
         cmd_embed,
+        None,
+    ),
+    "pipeline": (
+        "the whole job: dsm -> describe -> embed -> featurize -> pretrain -> finetune -> compare (resumable)",
+        cmd_pipeline,
         None,
     ),
     "compare": (
