@@ -57,7 +57,12 @@ class Tracker:
         try:
             client = mlflow.MlflowClient(self.uri)
             if client.get_experiment_by_name(self.experiment) is None:
-                client.create_experiment(self.experiment)
+                # A local store keeps its artifacts beside itself, not in ./mlruns of whatever cwd.
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    db = self.uri[len("sqlite:///"):]
+                    location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+                client.create_experiment(self.experiment, artifact_location=location)
         except Exception as e:  # noqa: BLE001 - mlflow raises many types for an unreachable store
             raise ConfigError(
                 f"MLflow tracking store {self.uri!r} (config key tracking.tracking_uri) is not reachable: "
@@ -76,7 +81,7 @@ class Tracker:
         # Inside the pipeline's parent run every stage becomes a child run.
         nested = nested or mlflow.active_run() is not None
         r = mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested)
-        self.run_id = r.info.run_id
+        outer, self.run_id = self.run_id, r.info.run_id
         status = "FAILED"
         try:
             yield self
@@ -84,6 +89,7 @@ class Tracker:
         finally:
             # end_run pops the run first and then calls the server: a dead server costs only the status.
             self._safe(f"run status {status}", mlflow.end_run, status)
+            self.run_id = outer if outer is not None else self.run_id
 
     def _safe(self, what: str, fn, *args, **kwargs) -> None:
         if not self.enabled or self.run_id is None:

@@ -96,6 +96,22 @@ class FinetuneConfig(Section):
         description="method label in the comparison table (MLflow tag lardo.method); None = derived "
         "from encoder ('random-init' when None)",
     )
+    encoder_dropout: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="dropout after every encoder layer while fine-tuning; None = the export's own (random init: "
+        "model.dropout). MolCLR fine-tunes its GIN with 0.3 on BBBP",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="read only the first rows of the data file (smoke runs / CI); None = all"
+    )
+    eval_batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="molecules per forward pass when scoring valid / test (eval mode; on CPU larger batches "
+        "are slower, on a GPU raise it)",
+    )
     head_hidden: int = Field(default=256, ge=1, description="hidden width of the 2-layer prediction head")
     head_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout before the head's output layer")
     device: str | None = Field(default=None, description="torch device; None = cuda when a GPU is visible, else cpu")

@@ -1,0 +1,466 @@
+"""Fine-tune and evaluate one seed, without Ray: the core the fine-tune stage runs once per seed as a Ray task.
+
+* ``prepare_task(ft)`` reads the labelled set and featurises it once (memoised per dataset in the process,
+  optionally cached as Parquet on disk); ``split_for(prepared, ft, seed)`` gives the split (the deterministic
+  scaffold split is the same for every seed; scaffold_balanced / random depend on the seed).
+* ``finetune_seed(cfg, seed, ...)`` trains the property model: Adam with two parameter groups (head at
+  ``lr_head``, encoder at ``lr_encoder``), masked multi-task BCE-with-logits for classification (NaN labels do
+  not count), MSE on targets standardised with the training rows' mean/std for regression (scores in the
+  original units), optional frozen encoder (eval mode: its BatchNorm statistics stay as exported too; the
+  graph embeddings are then computed once and only the head trains), validation after every epoch, early
+  stopping after ``patience`` epochs without improvement, and the test score of the best-validation weights.
+
+Everything random comes from the seed (torch init and dropout, numpy shuffling, the split where it depends on
+a seed); on CPU with a fixed number of torch threads, the same seed gives bit-identical metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from lardo_ray.finetune.datasets import LabelledSet, load_task
+from lardo_ray.finetune.metrics import TargetScaler, TaskMetrics, evaluate, is_better
+from lardo_ray.finetune.splits import Split, compute_scaffolds, make_split
+
+if TYPE_CHECKING:
+    import torch
+
+    from lardo_ray.config import PipelineConfig
+    from lardo_ray.finetune.model import EncoderSource
+    from lardo_ray.finetune.settings import FinetuneConfig
+
+log = logging.getLogger("lardo_ray")
+
+_MEMO: OrderedDict[tuple, PreparedTask] = OrderedDict()
+_MEMO_SIZE = 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: read + featurise once per dataset
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedTask:
+    """A labelled set with its graphs (row i of ``graphs`` is molecule i of ``data``) and scaffolds."""
+
+    data: LabelledSet
+    graphs: pa.Table  # graph layout of lardo_ray.chem.graph (x, edge_index, edge_attr, num_nodes, num_edges)
+    scaffolds: list[str] | None = None  # Bemis-Murcko scaffold per row (for the scaffold splits)
+    n_featurize_rejected: int = 0  # rows RDKit parsed but the featurizer rejected (dropped here)
+    featurize_seconds: float = 0.0
+    graphs_from_cache: bool = False
+    key: str = ""  # sha256 of the SMILES (+ featurizer vocabulary): names the on-disk graph cache
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _smiles_key(smiles: list[str]) -> str:
+    from lardo_ray.chem.graph import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
+
+    h = hashlib.sha256(f"ogb:{ATOM_FEATURE_DIMS}:{BOND_FEATURE_DIMS}\n".encode())
+    for s in smiles:
+        h.update(s.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _memo_key(ft: FinetuneConfig) -> tuple:
+    from lardo_ray.finetune.datasets import get_card, resolve_path
+
+    card = get_card(ft.dataset) if ft.dataset else None
+    path = resolve_path(card, ft.data_path)
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size, ft.dataset, ft.smiles_column,
+            tuple(ft.label_columns or ()), ft.task_type, ft.metric, ft.split_column if ft.split == "column" else None,
+            ft.drop_unlabelled, ft.limit)
+
+
+def prepare_task(ft: FinetuneConfig, cache_dir: str | os.PathLike | None = None, *,
+                 need_scaffolds: bool | None = None) -> PreparedTask:
+    """Read ``ft``'s data set and featurise it (once per process: memoised by file, columns and limit).
+
+    ``cache_dir``: keep the graph table as ``<dataset>-<key>.parquet`` there and reuse it next time.
+    Scaffolds are computed when the split needs them (or ``need_scaffolds=True``)."""
+    need_scaffolds = ft.split in ("scaffold", "scaffold_balanced") if need_scaffolds is None else need_scaffolds
+    mkey = _memo_key(ft)
+    hit = _MEMO.get(mkey)
+    if hit is not None:
+        _MEMO.move_to_end(mkey)
+        if need_scaffolds and hit.scaffolds is None:
+            hit.scaffolds = compute_scaffolds(hit.data.smiles)
+        return hit
+
+    from lardo_ray.chem.graph import featurize_smiles
+
+    t0 = time.perf_counter()
+    data = load_task(ft, limit=ft.limit)
+    if len(data) == 0:
+        raise ValueError(f"finetune: no usable molecule in {data.source!r}")
+    key = _smiles_key(data.smiles)
+    cache_file = Path(cache_dir) / f"{data.name}-{key[:16]}.parquet" if cache_dir else None
+    graphs: pa.Table | None = None
+    from_cache = False
+    if cache_file is not None and cache_file.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            graphs = pq.read_table(cache_file)
+            from_cache = graphs.num_rows == len(data)
+        except Exception as e:  # noqa: BLE001 - a broken cache file is rebuilt
+            log.warning("finetune: graph cache %s unreadable (%s); featurising again", cache_file, e)
+            graphs = None
+        if not from_cache:
+            graphs = None
+    n_rej = 0
+    if graphs is None:
+        graphs, rejected = featurize_smiles(data.smiles)
+        n_rej = rejected.num_rows
+        if n_rej:
+            keep = np.asarray([int(i) for i in graphs.column("mol_id").to_pylist()], dtype=np.int64)
+            log.warning("finetune: %d molecule(s) of %s could not be featurised and are left out", n_rej, data.name)
+            data = data.subset(keep)
+            key = _smiles_key(data.smiles)
+            cache_file = Path(cache_dir) / f"{data.name}-{key[:16]}.parquet" if cache_dir else None
+        graphs = graphs.select(["x", "edge_index", "edge_attr", "num_nodes", "num_edges"])
+        if cache_file is not None:
+            import pyarrow.parquet as pq
+
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+                pq.write_table(graphs, tmp)
+                os.replace(tmp, cache_file)
+            except OSError as e:
+                log.warning("finetune: could not write the graph cache %s: %s", cache_file, e)
+    graphs = graphs.combine_chunks()
+    scaffolds = compute_scaffolds(data.smiles) if need_scaffolds else None
+    prepared = PreparedTask(data=data, graphs=graphs, scaffolds=scaffolds, n_featurize_rejected=n_rej,
+                            featurize_seconds=time.perf_counter() - t0, graphs_from_cache=from_cache, key=key)
+    _MEMO[mkey] = prepared
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return prepared
+
+
+def clear_cache() -> None:
+    """Forget the in-process prepared data sets."""
+    _MEMO.clear()
+
+
+def split_for(prepared: PreparedTask, ft: FinetuneConfig, seed: int) -> Split:
+    """The split of one seed (identical for every method: it depends on the data, split kind and seed only)."""
+    if ft.split in ("scaffold", "scaffold_balanced") and prepared.scaffolds is None:
+        prepared.scaffolds = compute_scaffolds(prepared.data.smiles)
+    split = make_split(ft.split, prepared.data.smiles, ft.split_sizes, seed,
+                       split_values=prepared.data.split_values, scaffolds=prepared.scaffolds)
+    if len(split.train) < 2:
+        raise ValueError(f"finetune: {prepared.name}: the {ft.split} split leaves {len(split.train)} training "
+                         f"molecule(s); use more data or other split_sizes")
+    return split
+
+
+def split_hash(split: Split) -> str:
+    """Short fingerprint of a split (tagged on every seed run: equal hashes = the same molecules)."""
+    h = hashlib.sha256()
+    for part in split:
+        h.update(np.asarray(part, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training pieces
+# ---------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def masked_loss(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Mean over labelled (row, task) entries: BCE-with-logits (classification) or squared error (regression)."""
+    import torch
+    import torch.nn.functional as F
+
+    y0 = torch.where(mask, y, torch.zeros_like(y))
+    if task_type == "classification":
+        per = F.binary_cross_entropy_with_logits(out, y0, reduction="none")
+    else:
+        per = (out - y0) ** 2
+    per = per * mask
+    return per.sum() / mask.sum().clamp_min(1)
+
+
+def make_batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Index batches (shuffled with ``rng``); a last batch of one molecule joins the one before it (BatchNorm
+    in training mode needs more than one value per channel)."""
+    order = rng.permutation(idx) if rng is not None else np.asarray(idx)
+    out = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = np.concatenate([out[-2], out[-1]])
+        out.pop()
+    return out
+
+
+def _pyg(graphs: pa.Table, idx: np.ndarray, device: str):
+    from lardo_ray.chem.graph import graphs_to_pyg_batch
+
+    return graphs_to_pyg_batch(graphs.take(pa.array(idx, pa.int64()))).to(device)
+
+
+@dataclass
+class SeedResult:
+    """One seed's fine-tune run: scores at the best validation epoch, history, timing, provenance."""
+
+    seed: int
+    dataset: str
+    method: str
+    split: str
+    task_type: str
+    metric: str  # headline / model-selection metric
+    test: TaskMetrics
+    valid: TaskMetrics
+    best_epoch: int  # 1-based epoch whose weights were tested
+    epochs_run: int
+    stopped_early: bool
+    selection: str  # "best_valid" or "last_epoch" (no validation rows / no scorable validation)
+    n_train: int
+    n_valid: int
+    n_test: int
+    split_hash: str
+    encoder_run_id: str
+    encoder_sha256: str  # encoder tensors at the start of fine-tuning
+    final_encoder_sha256: str  # encoder tensors of the tested (best-validation) weights
+    pretrained: bool
+    n_params: int
+    n_trainable: int
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, train_loss, valid_<m>, seconds
+    timing: dict[str, float] = field(default_factory=dict)
+    test_index: np.ndarray | None = None  # rows of the labelled set in test
+    test_pred: np.ndarray | None = None  # (n_test, n_tasks) probabilities / values in original units
+    device: str = "cpu"
+    threads: int = 1
+    model: Any = None  # the tested PropertyModel, only with finetune_seed(keep_model=True)
+    worker: str = ""  # host:pid of the process that trained it
+
+    @property
+    def test_value(self) -> float:
+        return self.test.value
+
+    @property
+    def valid_value(self) -> float:
+        return self.valid.value
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics of the child run (compare contract: test_<m>, valid_<m>, best_epoch ...)."""
+        out = {**self.test.to_mlflow("test_"), **self.valid.to_mlflow("valid_", per_task=False)}
+        out.update({
+            "best_epoch": float(self.best_epoch), "epochs_run": float(self.epochs_run),
+            "stopped_early": float(self.stopped_early), "n_train": float(self.n_train),
+            "n_valid": float(self.n_valid), "n_test": float(self.n_test), "n_params": float(self.n_params),
+            "n_trainable_params": float(self.n_trainable),
+        })  # fmt: skip
+        out.update({k: float(v) for k, v in self.timing.items()})
+        return out
+
+
+def finetune_seed(
+    cfg: PipelineConfig,
+    seed: int,
+    *,
+    prepared: PreparedTask | None = None,
+    split: Split | None = None,
+    encoder: EncoderSource | None = None,
+    threads: int | None = None,
+    verbose: bool = False,
+    keep_model: bool = False,
+) -> SeedResult:
+    """Fine-tune ``cfg.finetune`` on one seed and score valid/test at the best validation epoch.
+
+    ``prepared`` / ``split`` / ``encoder`` are computed from the config when not given (the stage computes them
+    once on the driver and ships them to every seed). ``threads`` sets torch's intra-op threads;
+    ``keep_model`` returns the tested model in ``result.model``."""
+    import torch
+
+    from lardo_ray.finetune.model import build_property_model, encoder_state_sha256
+
+    t_start = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    ft = cfg.finetune
+    prepared = prepared if prepared is not None else prepare_task(ft)
+    split = split if split is not None else split_for(prepared, ft, seed)
+    data = prepared.data
+    task_type, metric = data.task_type, ft.resolved_metric()
+    device = resolve_device(ft.device)
+
+    seed_everything(seed)
+    built = build_property_model(cfg, data.n_tasks, seed, encoder=encoder, device=device)
+    model = built.model
+    frozen = ft.freeze_encoder or ft.lr_encoder == 0.0
+
+    # targets: NaN = missing; regression standardised with the training rows only
+    y_raw = data.labels.astype(np.float64)
+    scaler = TargetScaler.fit(y_raw[split.train]) if task_type == "regression" else None
+    y_work = scaler.transform(y_raw) if scaler is not None else y_raw
+    Y = torch.tensor(np.nan_to_num(y_work, nan=0.0), dtype=torch.float32, device=device)
+    M = torch.tensor(~np.isnan(y_work), dtype=torch.bool, device=device)
+
+    if frozen:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        groups = [{"params": model.head_parameters(), "lr": ft.lr_head}]
+    else:
+        groups = [{"params": model.encoder_parameters(), "lr": ft.lr_encoder},
+                  {"params": model.head_parameters(), "lr": ft.lr_head}]
+    opt = torch.optim.Adam(groups, weight_decay=ft.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for g in groups for p in g["params"])
+
+    # Frozen: eval-mode embeddings of every molecule once (BatchNorm stats stay as exported, no dropout).
+    emb: torch.Tensor | None = None
+    if frozen:
+        model.encoder.eval()
+        with torch.no_grad():
+            all_idx = np.arange(len(data))
+            emb = torch.cat([model.encoder(_pyg(prepared.graphs, b, device))
+                             for b in make_batches(all_idx, ft.eval_batch_size)])
+
+    eval_batches: dict[str, list[tuple[np.ndarray, Any]]] = {}
+
+    def predict(part: str, idx: np.ndarray) -> np.ndarray:
+        model.eval()
+        outs = []
+        with torch.no_grad():
+            if emb is not None:
+                outs.append(model.head(emb[torch.as_tensor(idx, device=device)]))
+            else:
+                if part not in eval_batches:  # valid / test batches are built once
+                    eval_batches[part] = [(b, _pyg(prepared.graphs, b, device))
+                                          for b in make_batches(idx, ft.eval_batch_size)]
+                outs += [model(g) for _, g in eval_batches[part]]
+        out = (torch.cat(outs) if outs else torch.zeros((0, data.n_tasks), device=device)).double()
+        if task_type == "classification":
+            return torch.sigmoid(out).cpu().numpy()
+        return scaler.inverse(out.cpu().numpy())  # type: ignore[union-attr]
+
+    def score(part: str, idx: np.ndarray) -> tuple[TaskMetrics, np.ndarray]:
+        pred = predict(part, idx)
+        return evaluate(task_type, y_raw[idx], pred, data.task_names, metric), pred
+
+    rng = np.random.default_rng(seed)
+    has_valid = len(split.valid) > 0
+    best_val: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, since_best, stopped_early = 0, 0, False
+    history: list[dict[str, float]] = []
+    t_train = time.perf_counter()
+    eval_seconds = 0.0
+    epoch = 0
+    for epoch in range(1, ft.epochs + 1):
+        t_ep = time.perf_counter()
+        model.train()
+        if frozen:
+            model.encoder.eval()
+        loss_sum, n_seen = 0.0, 0
+        for b in make_batches(split.train, ft.batch_size, rng):
+            bt = torch.as_tensor(b, device=device)
+            yb, mb = Y[bt], M[bt]
+            if not bool(mb.any()):
+                continue
+            out = model.head(emb[bt]) if emb is not None else model(_pyg(prepared.graphs, b, device))
+            loss = masked_loss(out, yb, mb, task_type)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(b)
+            n_seen += len(b)
+        rec: dict[str, float] = {"epoch": float(epoch), "train_loss": loss_sum / max(n_seen, 1)}
+        t_ev = time.perf_counter()
+        if has_valid:
+            vm, _ = score("valid", split.valid)
+            rec[f"valid_{metric}"] = vm.value
+            if is_better(vm.value, best_val, metric):
+                best_val, best_epoch, since_best = vm.value, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+        eval_seconds += time.perf_counter() - t_ev
+        rec["seconds"] = time.perf_counter() - t_ep
+        history.append(rec)
+        if verbose:
+            log.info("finetune %s seed %d epoch %d: %s", data.name, seed, epoch,
+                     {k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+        if ft.patience is not None and best_state is not None and since_best >= ft.patience:
+            stopped_early = epoch < ft.epochs
+            break
+    train_seconds = time.perf_counter() - t_train
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        selection = "best_valid"
+    else:  # no validation rows, or no epoch could be scored (e.g. one class only in valid)
+        best_epoch, selection = epoch, "last_epoch"
+        if has_valid:
+            log.warning("finetune %s seed %d: the validation set could not be scored (%s); the last epoch's "
+                        "weights are tested", data.name, seed, metric)
+    t_ev = time.perf_counter()
+    valid_m, _ = score("valid", split.valid) if has_valid else (
+        evaluate(task_type, np.zeros((0, data.n_tasks)), np.zeros((0, data.n_tasks)), data.task_names, metric),
+        None)
+    test_m, test_pred = score("test", split.test)
+    eval_seconds += time.perf_counter() - t_ev
+    total = time.perf_counter() - t_start
+    return SeedResult(
+        seed=int(seed), dataset=data.name, method=ft.method_label(), split=ft.split, task_type=task_type,
+        metric=metric, test=test_m, valid=valid_m, best_epoch=int(best_epoch), epochs_run=int(epoch),
+        stopped_early=stopped_early, selection=selection, n_train=len(split.train), n_valid=len(split.valid),
+        n_test=len(split.test), split_hash=split_hash(split), encoder_run_id=built.encoder_run_id,
+        encoder_sha256=built.encoder_sha256, final_encoder_sha256=encoder_state_sha256(model.encoder),
+        pretrained=built.pretrained, n_params=int(n_params),
+        n_trainable=int(n_trainable), history=history,
+        timing={"train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                "seconds_per_epoch": train_seconds / max(epoch, 1), "seed_seconds": total},
+        test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32), device=str(device),
+        threads=int(torch.get_num_threads()), model=model if keep_model else None,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+def constant_baseline(prepared: PreparedTask, split: Split, metric: str | None = None) -> TaskMetrics:
+    """Test scores of predicting the training mean (regression) / the training positive rate (classification):
+    the floor a fine-tuned model has to beat (ROC-AUC 0.5, RMSE = spread of test around the train mean)."""
+    data = prepared.data
+    y = data.labels
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(y[split.train], axis=0)
+    mean = np.where(np.isnan(mean), 0.0, mean)
+    pred = np.tile(mean, (len(split.test), 1))
+    return evaluate(data.task_type, y[split.test], pred, data.task_names, metric)
+
