@@ -32,7 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    top = {"input.path": args.input, "run.output_dir": args.output, "input.smiles_column": args.smiles_column}
+    top = {"input.path": args.input, "run.output_dir": args.output, "input.smiles_column": args.smiles_column,
+           "finetune.encoder": getattr(args, "encoder_flag", None), "finetune.dataset": getattr(args, "dataset_flag", None)}
     if getattr(args, "quiet", False):
         top["run.progress"] = False
     return load_config(args.config, args.overrides, top)
@@ -68,7 +69,7 @@ def _print_mlflow_hint(cfg: PipelineConfig, not_logged: list[str]) -> None:
 
 def _print_summary(cfg: PipelineConfig, summary) -> int:
     print("\n".join(summary.lines()))
-    _print_mlflow_hint(cfg, summary.not_logged)
+    _print_mlflow_hint(cfg, getattr(summary, "not_logged", []))
     return 0
 
 
@@ -127,6 +128,36 @@ def cmd_compare(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.pretrain import run_pretrain
+
+    return _print_summary(cfg, run_pretrain(cfg))
+
+
+def cmd_finetune(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.finetune import run_finetune, run_finetune_grid
+
+    if args.methods or args.datasets:
+        methods = []
+        for item in args.methods or [f"{cfg.finetune.method_label()}={cfg.finetune.encoder or 'scratch'}"]:
+            label, _, enc = item.partition("=")
+            methods.append((label, None if enc in ("", "scratch", "none") else enc))
+        result = run_finetune_grid(cfg, methods, args.datasets)
+    else:
+        result = run_finetune(cfg)
+    return _print_summary(cfg, result)
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", dest="encoder_flag", help="pre-trained encoder: export dir, runs:/ID/encoder or "
+                   "models:/NAME/VERSION (finetune.encoder); omit for a random init")
+    p.add_argument("--dataset", dest="dataset_flag", help="built-in card, e.g. bbbp, bace, tox21, esol (finetune.dataset)")
+    p.add_argument("--method", dest="methods", action="append", metavar="LABEL=ENCODER",
+                   help="ablation grid: one fine-tune per method on the same splits, e.g. --method scratch= "
+                   "--method lardo=outputs/x/pretrain/encoder (repeatable)")
+    p.add_argument("--datasets", nargs="+", help="grid over several cards (finetune.data_path = their directory)")
+
+
 def cmd_pipeline(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lardo_ray.stages.pipeline import run_pipeline
 
@@ -162,19 +193,29 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
         cmd_embed,
         None,
     ),
-    "pipeline": (
-        "the whole job: dsm -> describe -> embed -> featurize -> pretrain -> finetune -> compare (resumable)",
-        cmd_pipeline,
+    "featurize": (
+        "SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",
+        cmd_featurize,
         None,
+    ),
+    "pretrain": (
+        "graph-text contrastive pre-training on Ray Train (+ DeepSpeed); resumes from its checkpoints",
+        cmd_pretrain,
+        None,
+    ),
+    "finetune": (
+        "fine-tune and evaluate on a MoleculeNet task (scaffold split, seeds as Ray tasks, MLflow runs)",
+        cmd_finetune,
+        _finetune_args,
     ),
     "compare": (
         "read fine-tune runs from MLflow: dataset x method table (mean ± std), CSV, Markdown, PNG bar chart",
         cmd_compare,
         _compare_args,
     ),
-    "featurize": (
-        "SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",
-        cmd_featurize,
+    "pipeline": (
+        "the whole job: dsm -> describe -> embed -> featurize -> pretrain -> finetune -> compare (resumable)",
+        cmd_pipeline,
         None,
     ),
 }
