@@ -32,7 +32,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import lardo_ray from the same checkout even when it is not pip-installed.
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}}
+    env = {"env_vars": {
+        "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
+        # Model-loading progress bars from every actor would bury the stage's own progress lines.
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TQDM_DISABLE": "1",
+    }}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

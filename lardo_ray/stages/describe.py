@@ -79,17 +79,38 @@ def describe_stage1(cfg: PipelineConfig):
     return Template.model_validate_json(text)
 
 
+class _LazyLLMCore:
+    """Stage 2 that loads the LLM only when a batch has rows routed to it: with a small
+    ``describe.llm_slice`` most actors never need the model and never pay for loading it."""
+
+    def __init__(self, cfg: PipelineConfig, template_json: str):
+        from lardo_ray.llm.backends.rules import RulesBackend
+        from lardo_ray.llm.describe import DescribeStage2
+        from lardo_ray.llm.stage1 import Template
+
+        self.cfg = cfg.describe
+        self.template = Template.model_validate_json(template_json)
+        self.rules_only = DescribeStage2(self.cfg, self.template, backend=RulesBackend())
+        self.with_llm = None
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from lardo_ray.llm.describe import DescribeStage2
+
+        no_llm_rows = USE_LLM in table.column_names and not any(table.column(USE_LLM).to_pylist())
+        if self.cfg.backend == "rules" or no_llm_rows:
+            return self.rules_only(table)
+        if self.with_llm is None:
+            self.with_llm = DescribeStage2(self.cfg, self.template)
+        return self.with_llm(table)
+
+
 class DescribeWorker(ShardWorker):
     """One backend per actor. A chunk already written is re-run only for its failed rows."""
 
     stage = STAGE
 
     def build_core(self, cfg: PipelineConfig):
-        from lardo_ray.llm.describe import DescribeStage2
-        from lardo_ray.llm.stage1 import Template
-
-        template = Template.model_validate_json(self.template_json)
-        return DescribeStage2(cfg.describe, template)
+        return _LazyLLMCore(cfg, self.template_json)
 
     def __init__(self, config: dict[str, Any], stage_dir: str, upstream_dir: str, config_hash: str,
                  template_json: str):
@@ -132,25 +153,29 @@ class DescribeWorker(ShardWorker):
 
 
 def _quality(out: StageOutput, chunk_ids: list[str]) -> dict[str, Any]:
-    """Hallucination rate before/after calibration, failures, tokens: from the written rows."""
+    """Hallucination rate before/after calibration over the LLM-written rows (the rules writer cannot
+    hallucinate: counting its claims would only dilute the rate), failures, tokens."""
     cols = ["n_claims", "n_wrong", "n_claims_before", "n_wrong_before", ERROR, "backend", "completion_tokens"]
-    tot: dict[str, float] = {"n_claims": 0, "n_wrong": 0, "n_claims_before": 0, "n_wrong_before": 0,
-                             "n_failed": 0, "completion_tokens": 0, "n_llm_rows": 0}
+    keys = ("n_claims", "n_wrong", "n_claims_before", "n_wrong_before", "completion_tokens")
+    tot = dict.fromkeys(keys, 0)
+    n_failed = n_llm = 0
     for c in chunk_ids:
         t = pq.read_table(out.data_path(c), columns=cols, filesystem=out.fs)
-        for k in ("n_claims", "n_wrong", "n_claims_before", "n_wrong_before", "completion_tokens"):
-            tot[k] += int(pc.sum(t.column(k)).as_py() or 0)
-        tot["n_failed"] += t.num_rows - int(pc.sum(pc.is_null(t.column(ERROR))).as_py() or 0)
-        tot["n_llm_rows"] += int(pc.sum(pc.not_equal(t.column("backend"), "rules")).as_py() or 0)
+        n_failed += t.num_rows - int(pc.sum(pc.is_null(t.column(ERROR))).as_py() or 0)
+        llm = t.filter(pc.not_equal(t.column("backend"), "rules"))
+        n_llm += llm.num_rows
+        for k in keys:
+            tot[k] += int(pc.sum(llm.column(k)).as_py() or 0)
     before = tot["n_wrong_before"] / tot["n_claims_before"] if tot["n_claims_before"] else 0.0
     after = tot["n_wrong"] / tot["n_claims"] if tot["n_claims"] else 0.0
     return {
-        "failed": int(tot["n_failed"]),
-        "llm_rows": int(tot["n_llm_rows"]),
-        "claims": f"{int(tot['n_claims_before']):,} checked before calibration, {int(tot['n_claims']):,} after",
+        "failed": n_failed,
+        "llm_rows": n_llm,
+        "hallucination": (f"{before:.1%} of {tot['n_claims_before']:,} numeric claims wrong before calibration, "
+                          f"{after:.1%} of {tot['n_claims']:,} after (LLM-written rows)"),
         "halluc_before": round(before, 4),
         "halluc_after": round(after, 4),
-        "gen_tokens": int(tot["completion_tokens"]),
+        "gen_tokens": tot["completion_tokens"],
     }
 
 
