@@ -96,6 +96,9 @@ class VLLMBackendConfig(Section):
         default=True,
         description="False = CPU vLLM (placement_group_config bundles [{'CPU': 1}]; no accelerator_type)",
     )
+    wave_chunks: int = Field(
+        default=50, ge=1, description="DSM shards per Ray Data LLM job (engines start once per wave; a killed wave is redone)"
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra vLLM engine arguments, e.g. {'enable_prefix_caching': true}"
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from lardo_ray.config import load_config
 from lardo_ray.stages.describe import run_describe
@@ -56,3 +58,38 @@ def test_tiny_llm_on_a_slice_rules_on_the_rest(ray_local, tmp_path, tiny_llm_dir
     # Stage 1 asked the (random) LLM; its unusable answer falls back to the card, and says so.
     tpl = json.loads((tmp_path / "out" / "describe" / "template.json").read_text())
     assert tpl["source"] in ("llm", "card_default") and tpl["attempts"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_backend_in_waves_every_row_once(ray_local, tmp_path, monkeypatch):
+    """`lardo-ray describe` with backend=vllm: ray.data.llm on CPU (a tiny Llama), waves regrouped per shard."""
+    from tests.integration._tiny_llm import build_tiny_llama
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = build_tiny_llama(tmp_path / "tiny", chat_template=False)
+    cfg = _cfg(tmp_path, "describe.backend=vllm", f"describe.model={model}", "describe.llm_slice=30",
+               "describe.sampling.max_tokens_stage2=8", "describe.sampling.temperature=0",
+               "describe.vllm.gpu=false", "describe.vllm.dtype=float32", "describe.vllm.max_model_len=768",
+               "describe.vllm.batch_size=8", "describe.vllm.wave_chunks=2", "describe.template_path=" + str(
+                   _bbbp_template(tmp_path)))
+    run_dsm(cfg)
+    s = run_describe(cfg)
+    rows = pq.read_table(str(tmp_path / "out" / "describe" / "data")).to_pylist()
+    assert s.reconciled and len(rows) == s.n_read
+    assert len({r["mol_id"] for r in rows}) == len(rows)
+    assert sum(r["backend"] == "vllm" for r in rows) == 30
+    assert all((r["description"] is None) != (r["error"] is None) for r in rows)
+    assert not (tmp_path / "out" / "describe" / "_waves").exists() or not any(
+        (tmp_path / "out" / "describe" / "_waves").iterdir())
+    again = run_describe(cfg)
+    assert again.chunks_skipped == again.chunks_total
+
+
+def _bbbp_template(tmp_path):
+    from lardo_ray.llm.cards import load_card
+    from lardo_ray.llm.stage1 import default_template
+
+    p = tmp_path / "tpl.json"
+    default_template(load_card("bbbp"), "lardo").save(str(p))
+    return p
