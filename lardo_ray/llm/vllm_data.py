@@ -19,6 +19,9 @@ Three steps, all streaming:
 3. ``_Finish`` (small actor pool): ``DescribeStage2.finish`` (post-check, correction) -> ``OUTPUT_SCHEMA`` rows
    plus the carried input columns.
 
+``timing=True`` adds each engine request's submit/done wall-clock times (from vLLM's request metrics) to the
+output, for ``bench/describe.py``.
+
 Rows come back in a different order than they went in: every row carries its own identity (``mol_id`` and
 the payload), nothing is joined by position. ``postcheck = "regenerate"`` is run as ``"correct"`` here (a
 second engine pass per batch would need a second engine pool); the output's cache keys say ``correct``.
@@ -139,7 +142,7 @@ class _Prepare:
             g = gens.get(i)
             payloads.append(pickle.dumps({
                 "cols": {name: cols[name][i] for name in names},
-                "schema": schema if i == 0 else None,
+                "schema": schema,  # in every row: rows are re-batched downstream
                 "values": prepared.values[i],
                 "error": prepared.errors[i],
                 "has_record": prepared.records[i] is not None,
@@ -299,8 +302,10 @@ def processor_config(cfg: DescribeConfig, env: dict[str, str] | None = None):
         # vLLM's Ray metrics logger imports ray.serve (the ray[serve] extra): export metrics only where it loads
         log_engine_metrics=_ray_serve_importable(),
     )
-    if not v.gpu:
+    if not v.gpu:  # leave accelerator_type unset on CPU
         kw["placement_group_config"] = {"bundles": [{"CPU": 1}] * v.tensor_parallel_size}
+    elif cfg.ray.accelerator_type:
+        kw["accelerator_type"] = cfg.ray.accelerator_type
     return vLLMEngineProcessorConfig(**kw)
 
 
