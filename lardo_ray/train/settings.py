@@ -134,7 +134,7 @@ class PretrainConfig(Section):
         default=0, ge=-1, description="Ray Train restarts from the last checkpoint (-1 = forever)"
     )
     storage_path: str | None = Field(
-        default=None, description="Ray Train storage (shared FS or s3://...); None = <output_dir>/pretrain/ray"
+        default=None, description="Ray Train storage (shared FS or s3://...); None = <output_dir>/pretrain/ray_train"
     )
     torch_threads: int | None = Field(
         default=None, ge=1,
