@@ -209,8 +209,8 @@ def _select_runs(df, cfg: CompareConfig, notes: list[str]):
         parent_ids = _col(children, f"tags.{PARENT_TAG}")
         tag_cols = [c for c in df.columns if c.startswith("tags.lardo.")]
         for col in tag_cols:
-            if col not in children.columns:
-                children[col] = None
+            # object dtype: pandas >= 3 types an all-string column as `str` and refuses None/NaN fills
+            children[col] = children[col].astype(object) if col in children.columns else None
             if by_id is None or col not in by_id.columns:
                 continue
             fill = parent_ids.map(lambda pid, c=col: by_id[c].get(pid) if pid in by_id.index else None)

@@ -57,3 +57,23 @@ def test_fingerprint_changes_with_settings():
     b = load_config(None, ["dsm.descriptors=[TPSA]"])
     assert a.fingerprint("dsm") != b.fingerprint("dsm")
     assert a.fingerprint("dsm") == load_config(None, ["dsm.descriptors=[MolLogP]"]).fingerprint("dsm")
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    """Every preset in configs/ loads against the one config model (a renamed key breaks here, not for users)."""
+    assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_paper_preset_holds_the_published_settings():
+    cfg = load_config(CONFIGS[0].parent / "paper.yaml")
+    m, p = cfg.model, cfg.pretrain
+    assert (m.num_layers, m.pooling, m.projection_dim, m.temperature_init, m.freeze_text) == (5, "mean", 128, 0.07, True)
+    assert (p.batch_size, p.epochs, p.lr, p.schedule, p.weight_decay, p.eval_fraction) == (32, 100, 5e-3, "cosine", 0.0, 0.1)
+    assert (cfg.describe.prompt_set, cfg.describe.variant) == ("paper", "full")
+    assert cfg.describe.model == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert (cfg.finetune.split, cfg.finetune.epochs, cfg.finetune.lr_head, cfg.finetune.lr_encoder) == (
+        "scaffold", 100, 5e-4, 1e-4)
