@@ -33,6 +33,10 @@ class RunConfig(Section):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, description="logical CPUs of a local Ray instance (ignored on a cluster)"
     )
+    ray_dashboard: bool = Field(
+        default=True, description="start Ray's dashboard with a local instance (127.0.0.1:8265 or the next free "
+        "port; ~1 GB RAM): job progress in a browser, and Ray Train needs its state API to clean up"
+    )
     progress: bool = True
     overwrite: bool = Field(default=False, description="discard a stage's existing output instead of resuming it")
 

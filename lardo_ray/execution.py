@@ -23,7 +23,7 @@ from lardo_ray.config_base import RayResources
 log = logging.getLogger("lardo_ray")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Join the cluster named by ``address``/RAY_ADDRESS, else start a private local instance."""
     import ray
 
@@ -42,7 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # address="local": a leftover session dir of a killed head must not be joined by accident.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), runtime_env=env,
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _quiet_data_context() -> None:

@@ -108,7 +108,7 @@ def run_pending(cfg: PipelineConfig, stage: str, units: list[dict[str, Any]], wo
 
     if not units:
         return
-    init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
+    init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
     progress = Progress(stage, len(units), sum(rows_per_unit), cfg.run.progress)
     for _ in run_chunks(stage, units, worker_cls, worker_kwargs, res, progress):
         pass

@@ -204,7 +204,7 @@ def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:
     with tracker.run(run_name=f"{cfg.run.name}/{STAGE}", tags={"stage": STAGE}):
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(dump_config(cfg), "config.yaml")
-        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
+        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
         template = describe_stage1(cfg)
         template_json = template.model_dump_json(indent=2)
         with out.fs.open_output_stream(f"{out.path}/template.json") as f:

@@ -479,7 +479,7 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
 
         from lardo_ray.execution import init_ray
 
-        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
+        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
         data_refs = {k: ray.put(p) for k, p in prepared.items()}
         enc_refs = {k: (ray.put(v) if v is not None else None) for k, v in encoders.items()}
         refs: dict[Any, tuple[_Group, int]] = {}

@@ -190,7 +190,7 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
     base_manifest = {"stage": STAGE, "config_hash": chash, "input_fingerprint": fingerprint,
                      "upstream_chunks": len(chunk_ids), "ray_run": rt.storage_uri(store, name),
                      "export_dir": export_dir}
-    init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus)
+    init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
     rt.check_cluster_resources(pcfg)  # a job that cannot get its CPUs would wait forever
     default_marker = os.path.join(store if "://" not in store else tempfile.gettempdir(),
                                   f".{name}-injected-failure")

@@ -350,6 +350,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported (inside the Trainer)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_geometric")
+    # Ray Train logs every report (all metrics, every rank) and every checkpoint at INFO on the driver's
+    # console; our rank-0 progress line says the same in one line.
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     total = estimate_total_steps(config["train_rows"], pcfg, world)
     model = build_model(mcfg, text_dim=config.get("text_dim"), seed=pcfg.seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +124,12 @@ def _submit(head, *args: str, timeout: int = 540) -> str:
     )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
-    assert "SUCCEEDED" in out, out[-6000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", out)
+    assert job_id, out[-6000:]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", job_id.group(1)], env=head["env"],
+                            capture_output=True, text=True, timeout=60)
+    # the job server's own record, not only the submit command's exit code
+    assert f"Job '{job_id.group(1)}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     return out
 
 
@@ -143,11 +149,10 @@ def test_ray_job_submit_dsm(head, tmp_path):
                   "--set", "input.limit=300", "--set", "dsm.descriptors=[MolLogP,MolWt,TPSA]",
                   "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "tracking.experiment=job_dsm")
     assert "reconcile   read = written + rejected + duplicates: OK" in log
-    manifest = json.loads((out / "dsm" / "_manifest.json").read_text()) if (out / "dsm" / "_manifest.json").exists() \
-        else None
-    t = pq.read_table(out / "dsm", columns=["mol_id", "MolLogP"]) if manifest is None else None
-    rows = manifest["counts"]["written"] if manifest else t.num_rows
-    assert 250 <= rows <= 300
+    manifest = json.loads((out / "dsm" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["read"] == 300
+    t = pq.read_table(out / "dsm" / "data", columns=["mol_id", "MolLogP"])
+    assert t.num_rows == manifest["counts"]["written"] >= 290
     runs = _mlflow_runs(db, "job_dsm")
     assert any(r.info.status == "FINISHED" for r in runs)
 
