@@ -98,22 +98,8 @@ def cmd_embed(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return _print_summary(cfg, run_embed(cfg))
 
 
-def resolved_compare_config(cfg: PipelineConfig):
-    """compare reads the same MLflow store and experiment the stages log to, unless told otherwise."""
-    from lardo_ray.tracking import resolve_tracking_uri
-
-    c = cfg.compare.model_copy()
-    if c.tracking_uri is None:
-        c.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
-    if "experiment" not in cfg.compare.model_fields_set:
-        c.experiment = cfg.tracking.experiment
-    if "output_dir" not in cfg.compare.model_fields_set:
-        c.output_dir = f"{cfg.run.output_dir.rstrip('/')}/compare"
-    return c
-
-
 def cmd_compare(args: argparse.Namespace, cfg: PipelineConfig) -> int:
-    from lardo_ray.stages.compare import compare
+    from lardo_ray.stages.compare import compare, resolved_compare_config
 
     c = resolved_compare_config(cfg)
     if args.experiment:
@@ -170,6 +156,19 @@ def cmd_pipeline(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    from lardo_ray.stages.ablation import run_ablation
+
+    result = run_ablation(cfg)
+    print()
+    print("\n".join(result.lines()))
+    if result.compare is not None:
+        print("\n" + result.compare.markdown)
+        print(f"\nwrote {result.compare.csv_path}, {result.compare.markdown_path}, {result.compare.png_path}")
+    _print_mlflow_hint(cfg, [])
+    return 0
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment to read (compare.experiment; default tracking.experiment)")
     p.add_argument("--metric", help="roc_auc, rmse or mae (compare.metric; default per task type)")
@@ -216,6 +215,12 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
     "pipeline": (
         "the whole job: dsm -> describe -> embed -> featurize -> pretrain -> finetune -> compare (resumable)",
         cmd_pipeline,
+        None,
+    ),
+    "ablate": (
+        "the ablation grid of one dataset: a pre-training per ablation.variants entry, then scratch + every "
+        "encoder fine-tuned on the same splits, and the compare table (see configs/ablation_*.yaml)",
+        cmd_ablate,
         None,
     ),
 }

@@ -33,6 +33,10 @@ class RunConfig(Section):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, description="logical CPUs of a local Ray instance (ignored on a cluster)"
     )
+    stage_dirs: dict[Literal["dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare"], str] = Field(
+        default_factory=dict, description="per-stage output dir instead of <output_dir>/<stage> (e.g. one DSM "
+        "output shared by several runs)",
+    )
     ray_dashboard: bool = Field(
         default=True, description="start Ray's dashboard with a local instance (127.0.0.1:8265 or the next free "
         "port; ~1 GB RAM): job progress in a browser, and Ray Train needs its state API to clean up"
@@ -85,6 +89,30 @@ class PipelineSection(Section):
     method_name: str = Field(default="lardo", description="method label of the pre-trained encoder in compare")
 
 
+class AblationConfig(Section):
+    """`lardo-ray ablate`: one pre-training per variant, then every encoder (and a random init) fine-tuned on
+    the same splits and compared. Variants are --set style overrides of this config."""
+
+    variants: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="method label -> overrides of its pre-training, e.g. {rules: [describe.backend=rules], "
+        "llm_no_dsm: [describe.variant=no_dsm]}; each pre-trains into <output_dir>/<label>/",
+    )
+    scratch: bool = Field(default=True, description="add the random-init encoder ('scratch') to the grid")
+    share_dsm: bool = Field(
+        default=True, description="compute the DSM stage once into <output_dir>/dsm for every variant "
+        "(variants that change dsm.* or input.* get their own)",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for label in v:
+            if label == "scratch" or not label.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"variant label {label!r}: letters, digits, '_' or '-', and not 'scratch'")
+        return v
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(
@@ -108,6 +136,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("dsm")
@@ -124,6 +153,8 @@ class PipelineConfig(Section):
         return v
 
     def stage_dir(self, stage: str) -> str:
+        if stage in self.run.stage_dirs:
+            return self.run.stage_dirs[stage].rstrip("/")
         return f"{self.run.output_dir.rstrip('/')}/{stage}"
 
     def fingerprint(self, *sections: str) -> str:

@@ -48,12 +48,15 @@ import math
 import os
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lardo_ray.config_base import ConfigError
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, default_metric, higher_is_better, mean_std
 from lardo_ray.finetune.settings import CompareConfig
 from lardo_ray.finetune.splits import describe_split
+
+if TYPE_CHECKING:
+    from lardo_ray.config import PipelineConfig
 
 log = logging.getLogger("lardo_ray")
 
@@ -560,3 +563,17 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
         print(md)
     return CompareResult(table=table, wide=wide, markdown=md, title=title, csv_path=csv_path,
                          markdown_path=md_path, png_path=png_path, n_runs=n_runs, splits=splits, notes=notes)
+
+
+def resolved_compare_config(cfg: PipelineConfig) -> CompareConfig:
+    """compare reads the same MLflow store and experiment the stages log to, unless told otherwise."""
+    from lardo_ray.tracking import resolve_tracking_uri
+
+    c = cfg.compare.model_copy()
+    if c.tracking_uri is None:
+        c.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
+    if "experiment" not in cfg.compare.model_fields_set:
+        c.experiment = cfg.tracking.experiment
+    if "output_dir" not in cfg.compare.model_fields_set:
+        c.output_dir = f"{cfg.run.output_dir.rstrip('/')}/compare"
+    return c

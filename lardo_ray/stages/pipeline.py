@@ -48,7 +48,7 @@ def _show(result: Any, enabled: bool) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    from lardo_ray.cli import resolved_compare_config
+    from lardo_ray.stages.compare import resolved_compare_config
     from lardo_ray.io import check_writable
     from lardo_ray.tracking import make_tracker
 
@@ -112,7 +112,7 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
             methods.append(("scratch", None))
         return run_finetune_grid(cfg, methods)
     if stage == "compare":
-        from lardo_ray.cli import resolved_compare_config
+        from lardo_ray.stages.compare import resolved_compare_config
         from lardo_ray.stages.compare import compare
 
         return compare(resolved_compare_config(cfg))

@@ -350,10 +350,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported (inside the Trainer)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_geometric")
-    # Ray Train logs every report (all metrics, every rank) and every checkpoint at INFO on the driver's
-    # console; our rank-0 progress line says the same in one line.
-    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
     total = estimate_total_steps(config["train_rows"], pcfg, world)
     model = build_model(mcfg, text_dim=config.get("text_dim"), seed=pcfg.seed)
@@ -493,6 +489,10 @@ def run_training(pcfg: PretrainConfig, mcfg: ModelConfig, files: list[str], *, n
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=pcfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=pcfg.keep_checkpoints),
+            # Ray Train logs every report (all metrics, every rank) and checkpoint at INFO on the console;
+            # rank 0's progress line says it in one line. Warnings (restarts, failures) still show.
+            **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")}
+               if hasattr(ray.train, "LoggingConfig") else {}),
         ),
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if pcfg.use_gpu else "gloo"),

@@ -65,7 +65,12 @@ CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "c
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     """Every preset in configs/ loads against the one config model (a renamed key breaks here, not for users)."""
-    assert isinstance(load_config(path), PipelineConfig)
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    from lardo_ray.stages.ablation import variant_config
+
+    for label in cfg.ablation.variants:  # variant overrides are checked too
+        assert variant_config(cfg, label).run.output_dir.endswith(f"/{label}")
 
 
 def test_paper_preset_holds_the_published_settings():

@@ -1,0 +1,101 @@
+"""The ablation grid of one dataset: a pre-training per variant, then one fine-tune grid and the compare table.
+
+Each variant (``ablation.variants``: label -> --set overrides) is this config plus its overrides, run through
+the pipeline's stages up to ``pretrain`` into ``<output_dir>/<label>/`` with MLflow runs named after it. The
+DSM stage is computed once into ``<output_dir>/dsm`` when every variant leaves ``dsm``/``input`` alone, since
+descriptors do not depend on the text. All encoders, plus a random init (``scratch``), are then fine-tuned by
+one ``run_finetune_grid`` call (the same splits and seeds for every method), and ``compare`` ends the run.
+Re-running resumes: finished stages, checkpoints and seeds are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lardo_ray.config import ConfigError, PipelineConfig, apply_overrides
+
+PRETRAIN_STAGES = ("dsm", "describe", "embed", "featurize", "pretrain")
+
+
+@dataclass
+class AblationResult:
+    output_dir: str
+    encoders: dict[str, str | None] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    grid: Any = None
+    compare: Any = None
+
+    def lines(self) -> list[str]:
+        out = ["== ablation summary ==", f"  outputs     {self.output_dir}/<variant>/"]
+        for label, enc in self.encoders.items():
+            took = f"{self.seconds[label]:7.1f} s" if label in self.seconds else "        "
+            out.append(f"  {label:<16s} {took}  {enc or 'random init'}")
+        if "finetune" in self.seconds:
+            out.append(f"  {'finetune grid':<16s} {self.seconds['finetune']:7.1f} s")
+        return out
+
+
+def variant_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
+    """This config with the variant's overrides, writing into <output_dir>/<label>/."""
+    overrides = list(cfg.ablation.variants[label])
+    touches_dsm = any(o.split("=", 1)[0].strip().startswith(("dsm.", "input.", "ingest.")) for o in overrides)
+    data = cfg.model_dump(mode="json")
+    data["ablation"] = {}
+    data = apply_overrides(data, overrides)
+    root = cfg.run.output_dir.rstrip("/")
+    data["run"]["output_dir"] = f"{root}/{label}"
+    data["run"]["name"] = f"{cfg.run.name}-{label}"
+    if cfg.ablation.share_dsm and not touches_dsm:
+        data["run"]["stage_dirs"] = {**data["run"].get("stage_dirs", {}), "dsm": f"{root}/dsm"}
+    try:
+        return PipelineConfig.model_validate(data)
+    except Exception as e:  # noqa: BLE001 - name the variant whose override is wrong
+        raise ConfigError(f"ablation.variants.{label}: {e}") from None
+
+
+def run_ablation(cfg: PipelineConfig) -> AblationResult:
+    from lardo_ray.stages.compare import compare
+    from lardo_ray.stages.finetune import run_finetune_grid
+    from lardo_ray.stages.pipeline import _run_stage, PipelineResult
+
+    if not cfg.ablation.variants and not cfg.ablation.scratch:
+        raise ConfigError("ablation.variants: nothing to run (no variants and ablation.scratch=false)")
+    variants = {label: variant_config(cfg, label) for label in cfg.ablation.variants}  # all validated up front
+    result = AblationResult(output_dir=cfg.run.output_dir)
+    show = cfg.run.progress
+    for label, vcfg in variants.items():
+        stages = [s for s in PRETRAIN_STAGES if not (s == "embed" and not vcfg.model.freeze_text)]
+        if show:
+            print(f"\n##### variant {label}: {', '.join(stages)} #####", flush=True)
+        t0 = time.time()
+        state = PipelineResult(output_dir=vcfg.run.output_dir)
+        for stage in stages:
+            if show:
+                print(f"\n=== [{label}] {stage} ===", flush=True)
+            res = _run_stage(stage, vcfg, state)
+            state.stages[stage] = res
+            if show and hasattr(res, "lines"):
+                print("\n".join(res.lines()), flush=True)
+        export = getattr(state.stages.get("pretrain"), "export_dir", None) or f"{vcfg.stage_dir('pretrain')}/encoder"
+        if not os.path.exists(os.path.join(export, "encoder.json")):
+            raise RuntimeError(f"variant {label}: no encoder export at {export}")
+        result.encoders[label] = export
+        result.seconds[label] = time.time() - t0
+    methods: list[tuple[str, str | None]] = list(result.encoders.items())
+    if cfg.ablation.scratch:
+        result.encoders["scratch"] = None
+        methods.append(("scratch", None))
+    if show:
+        print(f"\n=== fine-tune grid: {', '.join(m for m, _ in methods)} on {cfg.finetune.dataset} ===", flush=True)
+    t0 = time.time()
+    result.grid = run_finetune_grid(cfg, methods)
+    result.seconds["finetune"] = time.time() - t0
+    if show and hasattr(result.grid, "lines"):
+        print("\n".join(result.grid.lines()), flush=True)
+    from lardo_ray.stages.compare import resolved_compare_config
+
+    result.compare = compare(resolved_compare_config(cfg))
+    return result
