@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lardo_ray.config import ConfigError, PipelineConfig, apply_overrides
+from pydantic import ValidationError
+
+from lardo_ray.config import ConfigError, PipelineConfig, _format_validation_error, apply_overrides
 
 PRETRAIN_STAGES = ("dsm", "describe", "embed", "featurize", "pretrain")
 
@@ -52,8 +54,8 @@ def variant_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
         data["run"]["stage_dirs"] = {**data["run"].get("stage_dirs", {}), "dsm": f"{root}/dsm"}
     try:
         return PipelineConfig.model_validate(data)
-    except Exception as e:  # noqa: BLE001 - name the variant whose override is wrong
-        raise ConfigError(f"ablation.variants.{label}: {e}") from None
+    except ValidationError as e:  # name the variant whose override is wrong, and the key
+        raise ConfigError(f"ablation.variants.{label}: {_format_validation_error(e)}") from None
 
 
 def run_ablation(cfg: PipelineConfig) -> AblationResult:
