@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lardo-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean chemprop
+CHEMPROP_VENV ?= .venv-chemprop
+CHEMPROP_STAMP := $(CHEMPROP_VENV)/.installed
 
 # torch==2.13.0 first (a CPU build that pip finds on these machines); then the whole stack in one
 # resolve, vLLM's CPU build included; then drop the CUDA-built vision/audio wheels that break `import vllm`.
@@ -19,11 +21,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# chemprop (the D-MPNN baseline of `lardo-ray ablate`) pins its own RDKit: its own venv, driven by its CLI.
+$(CHEMPROP_STAMP):
+	test -x $(CHEMPROP_VENV)/bin/python || $(PY) -m venv $(CHEMPROP_VENV)
+	$(CHEMPROP_VENV)/bin/pip install -q torch==2.13.0
+	$(CHEMPROP_VENV)/bin/pip install -q chemprop==2.3.1
+	touch $(CHEMPROP_STAMP)
+
+chemprop: $(CHEMPROP_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/lardo-ray pipeline --config configs/demo.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+test: $(STAMP) $(CHEMPROP_STAMP)
+	LARDO_CHEMPROP=$(CHEMPROP_VENV)/bin/chemprop $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x tests/unit

@@ -99,6 +99,11 @@ class AblationConfig(Section):
         "llm_no_dsm: [describe.variant=no_dsm]}; each pre-trains into <output_dir>/<label>/",
     )
     scratch: bool = Field(default=True, description="add the random-init encoder ('scratch') to the grid")
+    chemprop: str | None = Field(
+        default=None, description="the `chemprop` executable (e.g. .venv-chemprop/bin/chemprop from `make "
+        "chemprop`): adds chemprop's D-MPNN, trained from scratch on the same splits and seeds, as a method",
+    )
+    chemprop_epochs: int | None = Field(default=None, ge=3, description="chemprop epochs; None = finetune.epochs")
     share_dsm: bool = Field(
         default=True, description="compute the DSM stage once into <output_dir>/dsm for every variant "
         "(variants that change dsm.* or input.* get their own)",
@@ -108,8 +113,9 @@ class AblationConfig(Section):
     @classmethod
     def _labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         for label in v:
-            if label == "scratch" or not label.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"variant label {label!r}: letters, digits, '_' or '-', and not 'scratch'")
+            if label in ("scratch", "chemprop") or not label.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"variant label {label!r}: letters, digits, '_' or '-', and not 'scratch' or "
+                                 "'chemprop' (the baselines' labels)")
         return v
 
 

@@ -28,13 +28,15 @@ class AblationResult:
     encoders: dict[str, str | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     grid: Any = None
+    chemprop: Any = None
     compare: Any = None
 
     def lines(self) -> list[str]:
         out = ["== ablation summary ==", f"  outputs     {self.output_dir}/<variant>/"]
         for label, enc in self.encoders.items():
             took = f"{self.seconds[label]:7.1f} s" if label in self.seconds else "        "
-            out.append(f"  {label:<16s} {took}  {enc or 'random init'}")
+            what = enc or ("D-MPNN from scratch (chemprop CLI)" if label == "chemprop" else "random init")
+            out.append(f"  {label:<16s} {took}  {what}")
         if "finetune" in self.seconds:
             out.append(f"  {'finetune grid':<16s} {self.seconds['finetune']:7.1f} s")
         return out
@@ -65,6 +67,10 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
 
     if not cfg.ablation.variants and not cfg.ablation.scratch:
         raise ConfigError("ablation.variants: nothing to run (no variants and ablation.scratch=false)")
+    if cfg.ablation.chemprop:
+        from lardo_ray.stages.chemprop_baseline import resolve_executable
+
+        resolve_executable(cfg.ablation.chemprop)  # fail before hours of pre-training, not after
     variants = {label: variant_config(cfg, label) for label in cfg.ablation.variants}  # all validated up front
     result = AblationResult(output_dir=cfg.run.output_dir)
     show = cfg.run.progress
@@ -97,6 +103,15 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
     result.seconds["finetune"] = time.time() - t0
     if show and hasattr(result.grid, "lines"):
         print("\n".join(result.grid.lines()), flush=True)
+    if cfg.ablation.chemprop:
+        from lardo_ray.stages.chemprop_baseline import run_chemprop_baseline
+
+        t0 = time.time()
+        result.chemprop = run_chemprop_baseline(cfg, cfg.ablation.chemprop, epochs=cfg.ablation.chemprop_epochs)
+        result.seconds["chemprop"] = time.time() - t0
+        result.encoders["chemprop"] = None
+        if show:
+            print("\n".join(result.chemprop.lines()), flush=True)
     from lardo_ray.stages.compare import resolved_compare_config
 
     result.compare = compare(resolved_compare_config(cfg))

@@ -1,0 +1,168 @@
+"""chemprop (D-MPNN trained from scratch) as the peer baseline, on our splits, logged as a compare method.
+
+chemprop pins its own RDKit, so it usually lives in a separate environment (``make chemprop`` builds
+``.venv-chemprop``); we drive its CLI (``chemprop train``) and never reimplement D-MPNN. Per seed: the data
+set as the fine-tune stage reads it, with a ``split`` column holding exactly our train/val/test assignment of
+that seed, so every method is scored on the same molecules; ``--pytorch-seed`` = the seed. chemprop picks
+its best epoch on validation loss and writes the test predictions; we score those with the same metric code
+as our fine-tunes (mean ROC-AUC over tasks with both classes, RMSE/MAE) and log a parent run
+``<dataset>/chemprop`` with a child per seed, the tags ``compare`` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lardo_ray.config import ConfigError, PipelineConfig
+
+log = logging.getLogger("lardo_ray")
+METHOD = "chemprop"
+
+
+@dataclass
+class ChempropResult:
+    dataset: str
+    metric: str
+    per_seed: dict[int, dict[str, float]] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        from lardo_ray.finetune.metrics import mean_std
+
+        ms = mean_std(m.get(f"test_{self.metric}") for m in self.per_seed.values())
+        out = [f"  {self.dataset:<12s} chemprop: {ms.format(100 if self.metric == 'roc_auc' else 1, 1)} "
+               f"{self.metric} ({self.seconds:.0f} s)"]
+        out += [f"    seed {s} failed: {e[:200]}" for s, e in sorted(self.failed.items())]
+        return out
+
+
+def resolve_executable(command: str) -> str:
+    path = shutil.which(os.path.expanduser(command))
+    if path is None:
+        raise ConfigError(f"ablation.chemprop: {command!r} is not an executable; build it with `make chemprop` "
+                          "(a separate venv: chemprop pins its own RDKit) or give the path of `chemprop`")
+    return path
+
+
+def _write_split_csv(path: Path, smiles: list[str], labels: np.ndarray, tasks: list[str], split) -> None:
+    part = np.full(len(smiles), "", dtype=object)
+    part[np.asarray(split.train)] = "train"
+    part[np.asarray(split.valid)] = "val"
+    part[np.asarray(split.test)] = "test"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles", *tasks, "split"])
+        for i, s in enumerate(smiles):
+            if not part[i]:
+                continue
+            w.writerow([s, *("" if np.isnan(v) else (int(v) if float(v).is_integer() else v) for v in labels[i]),
+                        part[i]])
+
+
+def _read_predictions(path: Path, tasks: list[str], test_smiles: list[str]) -> np.ndarray:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if [r["smiles"] for r in rows] != test_smiles:
+        raise RuntimeError(f"{path}: the predicted molecules are not our test set in order")
+    return np.asarray([[float(r[t]) for t in tasks] for r in rows], dtype=np.float64)
+
+
+def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task_type: str, metric: str,
+                 timeout: float | None = None) -> dict[str, float]:
+    from lardo_ray.finetune.metrics import evaluate
+
+    work.mkdir(parents=True, exist_ok=True)
+    data_csv = work / "data.csv"
+    _write_split_csv(data_csv, data.smiles, data.labels, data.task_names, split)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [exe, "train", "--data-path", str(data_csv), "--smiles-columns", "smiles",
+           "--target-columns", *data.task_names, "--splits-column", "split", "-t", task_type,
+           "--epochs", str(epochs), "--warmup-epochs", str(min(2, max(epochs - 1, 0))),
+           "--pytorch-seed", str(seed), "--data-seed", str(seed), "--accelerator", "cpu", "-n", "0", "-o", str(out)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (work / "chemprop.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"chemprop train exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+    preds = _read_predictions(out / "model_0" / "test_predictions.csv", data.task_names,
+                              [data.smiles[i] for i in split.test])
+    m = evaluate(task_type, data.labels[np.asarray(split.test)], preds, data.task_names, metric)
+    metrics = m.to_mlflow("test_")
+    metrics.update({"n_train": float(len(split.train)), "n_valid": float(len(split.valid)),
+                    "n_test": float(len(split.test)), "epochs_run": float(epochs),
+                    "seconds_total": time.perf_counter() - t0})
+    return metrics
+
+
+def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
+                          epochs: int | None = None) -> ChempropResult:
+    """chemprop on ``cfg.finetune``'s data set, split and seeds; a parent + per-seed MLflow runs."""
+    from lardo_ray.finetune.metrics import parent_summary
+    from lardo_ray.finetune.train import prepare_task, split_for, split_hash
+    from lardo_ray.stages.compare import finetune_tags
+    from lardo_ray.stages.finetune import TAG_SPLIT_HASH
+    from lardo_ray.tracking import make_tracker
+
+    exe = resolve_executable(command)
+    ft = cfg.finetune
+    prepared = prepare_task(ft, need_scaffolds=ft.split in ("scaffold", "scaffold_balanced"))
+    data = prepared.data
+    key = ft.dataset or os.path.basename(str(ft.data_path)).split(".")[0]  # as the fine-tune stage tags it
+    n_epochs = epochs or ft.epochs
+    tracker = tracker or make_tracker(cfg)
+    tracker.check_reachable()
+    res = ChempropResult(dataset=key, metric=data.metric)
+    root = Path(tempfile.mkdtemp(prefix="lardo-chemprop-"))
+    t0 = time.perf_counter()
+    hashes: dict[int, str] = {}
+    for seed in ft.seeds:
+        split = split_for(prepared, ft, seed)
+        hashes[seed] = split_hash(split)
+        if cfg.run.progress:
+            print(f"[chemprop] {key} seed {seed}: {len(split.train)}/{len(split.valid)}/{len(split.test)} "
+                  f"train/val/test, {n_epochs} epochs", file=sys.stderr, flush=True)
+        try:
+            res.per_seed[seed] = run_one_seed(exe, root / f"seed{seed}", data, split, seed, n_epochs,
+                                              data.task_type, data.metric)
+        except Exception as e:  # noqa: BLE001 - one seed failing is reported, the others still count
+            res.failed[seed] = f"{type(e).__name__}: {e}"
+            log.warning("chemprop seed %d failed: %s", seed, str(e)[:500])
+    res.seconds = time.perf_counter() - t0
+
+    base = dict(task_type=data.task_type, metric=data.metric)
+    params = {"method": METHOD, "chemprop": exe, "epochs": n_epochs, "split": ft.split,
+              "split_sizes": str(list(ft.split_sizes)), "dataset": key, "n_molecules": len(data)}
+    outer = tracker.run_id
+    try:
+        with tracker.run(f"{key}/{METHOD}", tags=finetune_tags(key, METHOD, ft.split, **base)):
+            parent = tracker.run_id
+            tracker.log_params(params)
+            for seed, metrics in sorted(res.per_seed.items()):
+                tags = {**finetune_tags(key, METHOD, ft.split, seed=seed, **base), TAG_SPLIT_HASH: hashes[seed]}
+                with tracker.run(f"seed{seed}", tags=tags, nested=True):
+                    tracker.log_params({**params, "seed": seed})
+                    tracker.log_metrics(metrics)
+                    log_file = root / f"seed{seed}" / "chemprop.log"
+                    if log_file.exists():
+                        tracker.log_artifact(str(log_file))
+                tracker.run_id = parent
+            if res.per_seed:
+                tracker.log_metrics({**parent_summary(list(res.per_seed.values())),
+                                     "wall_seconds": res.seconds, "n_failed_seeds": float(len(res.failed))})
+    finally:
+        tracker.run_id = outer
+    shutil.rmtree(root, ignore_errors=True)
+    return res
