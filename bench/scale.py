@@ -77,7 +77,7 @@ def run_one(n: int, describe_n: int, descriptors: str, chunk_rows: int, cores: i
     base = [f"input.path={MOSES}", "input.smiles_column=SMILES", f"input.limit={n}", f"input.chunk_rows={chunk_rows}",
             f"run.output_dir={out}", f"run.ray_num_cpus={cores}", "run.progress=false", "tracking.enabled=false",
             f"dsm.descriptors=[{descriptors}]" if descriptors != "all" else "dsm.descriptors=all",
-            "describe.backend=rules", "describe.task=pretrain"]
+            "describe.backend=rules", "describe.task=pretrain", "featurize.upstream=dsm"]
     cfg = load_config(None, base)
     init_ray(num_cpus=cores)
     figures: dict = {"n": n}
