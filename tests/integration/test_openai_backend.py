@@ -397,3 +397,44 @@ def test_check_names_the_setting_to_fix():
                 create_backend(cfg)
         finally:
             del os.environ["LARDO_TEST_KEY"]
+
+
+@pytest.mark.slow
+def test_rerun_of_the_stage_retries_only_the_failed_rows(ray_local, tmp_path):
+    """The describe stage on Ray over a DSM output, through an endpoint that keeps failing for two molecules:
+    they end up as rows with their error (nothing dropped, counts reconcile); once the endpoint recovers, a
+    re-run of the same command sends requests for those two molecules only and fills them in."""
+    import pyarrow.parquet as pq
+
+    from lardo_ray.config import load_config
+    from lardo_ray.stages.describe import run_describe
+    from lardo_ray.stages.ingest_dsm import run_dsm
+
+    src = tmp_path / "in.csv"
+    src.write_text("".join((DATA / "bbbp.csv").read_text().splitlines(keepends=True)[:41]))
+    state = {"broken": True}
+    with FaultServer(None, lambda s, a: ("status", 503) if state["broken"] and s in bad else None) as proxy:
+        cfg = load_config(None, [
+            f"input.path={src}", "input.chunk_rows=20", f"run.output_dir={tmp_path / 'out'}", "run.progress=false",
+            "tracking.enabled=false", "dsm.descriptors=[MolLogP,MolWt,TPSA]", "describe.task=bbbp",
+            "describe.backend=openai", "describe.model=canned", f"describe.openai.base_url={proxy.base_url}",
+            "describe.openai.max_retries=1", "describe.openai.backoff_s=0.01", "describe.ray.concurrency=1",
+        ])
+        run_dsm(cfg)
+        dsm = pq.read_table(tmp_path / "out" / "dsm" / "data", columns=["smiles"])
+        bad = set(dsm.column("smiles").to_pylist()[3:25:20])  # one molecule in each chunk
+        first = run_describe(cfg)
+        out = pq.read_table(tmp_path / "out" / "describe" / "data", columns=["smiles", "description", "error"])
+        failed = {r["smiles"] for r in out.to_pylist() if r["error"]}
+        assert failed == bad and out.num_rows == dsm.num_rows and first.reconciled
+        assert all(r["error"].startswith("failed after 2 attempts: HTTP 503") for r in out.to_pylist()
+                   if r["error"])
+        before = dict(proxy.attempts)
+        state["broken"] = False
+        run_describe(cfg)
+        again = {s: n - before.get(s, 0) for s, n in proxy.attempts.items() if n != before.get(s, 0)}
+    assert set(again) == bad, again  # only the failed molecules were asked again
+    out2 = pq.read_table(tmp_path / "out" / "describe" / "data", columns=["smiles", "description", "error"])
+    assert out2.num_rows == dsm.num_rows and all(r["error"] is None and r["description"] for r in out2.to_pylist())
+    keep = {r["smiles"]: r["description"] for r in out.to_pylist() if r["smiles"] not in bad}
+    assert all(keep[r["smiles"]] == r["description"] for r in out2.to_pylist() if r["smiles"] in keep)
