@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _read_predictions(path: Path, tasks: list[str], test_smiles: list[str]) -> n
 
 
 def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task_type: str, metric: str,
-                 timeout: float | None = None) -> dict[str, float]:
+                 timeout: float | None = None, threads: int | None = None) -> dict[str, float]:
     from lardo_ray.finetune.metrics import evaluate
 
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,8 @@ def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task
            "--epochs", str(epochs), "--warmup-epochs", str(min(2, max(epochs - 1, 0))),
            "--pytorch-seed", str(seed), "--data-seed", str(seed), "--accelerator", "cpu", "-n", "0", "-o", str(out)]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     (work / "chemprop.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"chemprop train exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
@@ -128,18 +130,26 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
     root = Path(tempfile.mkdtemp(prefix="lardo-chemprop-"))
     t0 = time.perf_counter()
     hashes: dict[int, str] = {}
-    for seed in ft.seeds:
-        split = split_for(prepared, ft, seed)
+    # seeds side by side, the cores shared out (chemprop trains in one process per seed)
+    cores = os.cpu_count() or 1
+    parallel = max(1, min(len(ft.seeds), cores))
+    splits = {seed: split_for(prepared, ft, seed) for seed in ft.seeds}
+
+    def one(seed: int):
+        split = splits[seed]
         hashes[seed] = split_hash(split)
         if cfg.run.progress:
             print(f"[chemprop] {key} seed {seed}: {len(split.train)}/{len(split.valid)}/{len(split.test)} "
                   f"train/val/test, {n_epochs} epochs", file=sys.stderr, flush=True)
         try:
             res.per_seed[seed] = run_one_seed(exe, root / f"seed{seed}", data, split, seed, n_epochs,
-                                              data.task_type, data.metric)
+                                              data.task_type, data.metric, threads=max(1, cores // parallel))
         except Exception as e:  # noqa: BLE001 - one seed failing is reported, the others still count
             res.failed[seed] = f"{type(e).__name__}: {e}"
             log.warning("chemprop seed %d failed: %s", seed, str(e)[:500])
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, ft.seeds))
     res.seconds = time.perf_counter() - t0
 
     base = dict(task_type=data.task_type, metric=data.metric)

@@ -87,7 +87,9 @@ def head(tmp_path_factory):
     only those (the test session's own local Ray instance is left alone)."""
     tmp = tmp_path_factory.mktemp("head")
     gcs, dash, agent, client, metrics = (_free_port() for _ in range(5))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_DISABLE_USAGE_STATS="1")
+    # the venv first on PATH, as for a user who activated it: the job's `python` is the one with lardo_ray
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_DISABLE_USAGE_STATS="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen(
