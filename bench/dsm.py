@@ -76,7 +76,7 @@ class WorkerMemory(threading.Thread):
             self.stop.wait(0.5)
 
 
-def pipeline(smiles: list[str], descriptors, cores: int, chunk_rows: int) -> tuple[float, object, WorkerMemory]:
+def pipeline(smiles: list[str], descriptors, cores: int, chunk_rows: int, dashboard: bool = True) -> tuple[float, object, WorkerMemory]:
     from lardo_ray.config import load_config
     from lardo_ray.stages.ingest_dsm import run_dsm
 
@@ -87,6 +87,7 @@ def pipeline(smiles: list[str], descriptors, cores: int, chunk_rows: int) -> tup
     cfg = load_config(None, [
         f"input.path={inp}", f"run.output_dir={tmp / 'out'}", f"input.chunk_rows={chunk_rows}",
         f"dsm.descriptors={desc}", f"run.ray_num_cpus={cores}", "run.progress=false", "tracking.enabled=false",
+        f"run.ray_dashboard={str(dashboard).lower()}",
     ])
     mem = WorkerMemory()
     mem.start()
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=3_000, help="molecules timed in the single-process loop")
     ap.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: N / (4 x cores), within 500..20000)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard (run.ray_dashboard)")
     args = ap.parse_args()
     descriptors = args.descriptors if args.descriptors == "all" else args.descriptors.split(",")
     cores = os.cpu_count() or 1
@@ -116,7 +118,7 @@ def main() -> None:
         base = baseline(smiles[: args.baseline_n], descriptors)
         print(f"  single-process loop : {base:8.1f} mol/s  (first {min(args.baseline_n, len(smiles)):,} molecules)")
     chunk = args.chunk_rows or max(500, min(20_000, args.n // (4 * cores)))
-    rate, summary, mem = pipeline(smiles, descriptors, cores, chunk)
+    rate, summary, mem = pipeline(smiles, descriptors, cores, chunk, dashboard=not args.no_dashboard)
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"  ray pipeline        : {rate:8.1f} mol/s  end to end, {summary.wall_seconds:.1f} s, chunks of {chunk:,}")
     print(f"  written/rejected/dup: {summary.n_written:,}/{summary.n_rejected:,}/{summary.n_duplicates:,} "
