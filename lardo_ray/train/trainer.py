@@ -48,6 +48,7 @@ from typing import Any
 
 from lardo_ray import schema
 from lardo_ray.config_base import ConfigError
+from lardo_ray.train.holdout import held_out_mask  # noqa: F401  (re-exported: Ray Data tasks import it here)
 from lardo_ray.train.settings import ModelConfig, PretrainConfig
 
 log = logging.getLogger("lardo_ray")
@@ -111,24 +112,6 @@ class FaultInjection:
 def train_columns(text_mode: str) -> list[str]:
     text = schema.TEXT_EMBEDDING if text_mode == "embedding" else schema.DESCRIPTION
     return [schema.MOL_ID, text, *GRAPH_COLUMNS]
-
-
-def held_out_mask(mol_ids: list, fraction: float, seed: int = 0):
-    """``lardo_ray.train.loop.eval_mask`` without importing torch: Ray Data's read tasks run this, and a fresh
-    task process importing torch + torch_geometric costs seconds per epoch. A unit test keeps the two equal."""
-    import hashlib
-
-    import numpy as np
-
-    if fraction <= 0:
-        return np.zeros(len(mol_ids), dtype=bool)
-    limit = int(fraction * 2**64)
-    prefix = f"{seed}:".encode()
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(prefix + str(m).encode(), digest_size=8).digest(), "little") < limit
-         for m in mol_ids),
-        dtype=bool, count=len(mol_ids),
-    )
 
 
 class RowFilter:
