@@ -5,8 +5,8 @@ in bounded memory.
     python bench/scale.py --sizes 20000 --describe-n 5000  # a quick look
     python bench/scale.py --descriptors all                # every RDKit descriptor (~1/10 the speed)
 
-Each size runs in its own process, the stages in pipeline order (dsm -> featurize, and describe over the
-first --describe-n DSM rows), straight from the gzip CSV (the driver never holds the molecules). Per stage:
+Each size runs in its own process, the stages in pipeline order (dsm -> featurize -> rules describe, by
+default over every DSM row of the size), straight from the gzip CSV (the driver never holds the molecules). Per stage:
 wall time, molecules/s, peak RSS of the driver (sampled) and of the largest Ray worker, and the bytes Ray
 spilled. The last lines compare peak memory at the largest size with the smallest (target: within 1.2x) and
 project a cluster's throughput from molecules/s per core.
@@ -64,7 +64,7 @@ def spilled_mib() -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def run_one(n: int, describe_n: int, descriptors: str, chunk_rows: int, cores: int, out: Path) -> dict:
+def run_one(n: int, describe_n: int | None, descriptors: str, chunk_rows: int, cores: int, out: Path) -> dict:
     """Run the stages over the first n molecules (this process = the driver); one dict of figures."""
     import ray
 
@@ -82,9 +82,11 @@ def run_one(n: int, describe_n: int, descriptors: str, chunk_rows: int, cores: i
     init_ray(num_cpus=cores)
     figures: dict = {"n": n}
     stages = [("dsm", run_dsm, cfg), ("featurize", run_featurize, cfg)]
-    if describe_n:
+    if describe_n is None or describe_n >= n:
+        stages.append(("describe", run_describe, cfg))  # over this size's own DSM output
+    elif describe_n:
         # describe reads a DSM output: its own (untimed) DSM run over the first describe_n molecules
-        sub = load_config(None, base + [f"input.limit={min(n, describe_n)}", f"run.output_dir={out}/describe_subset"])
+        sub = load_config(None, base + [f"input.limit={describe_n}", f"run.output_dir={out}/describe_subset"])
         run_dsm(sub)
         stages.append(("describe", run_describe, sub))
     for name, fn, c in stages:
@@ -112,8 +114,9 @@ def run_one(n: int, describe_n: int, descriptors: str, chunk_rows: int, cores: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,0", help="comma-separated molecule counts; 0 = the whole file")
-    ap.add_argument("--describe-n", type=int, default=100_000,
-                    help="rows of the rules describe stage per size (0 = skip; it writes text, the slow part)")
+    ap.add_argument("--describe-n", default="all",
+                    help="rows of the rules describe stage per size: 'all' (every DSM row of the size), a count "
+                         "(its own DSM run over that many molecules), or 0 to skip")
     ap.add_argument("--descriptors", default=DEFAULT_DESCRIPTORS, help="'all' or comma-separated names")
     ap.add_argument("--chunk-rows", type=int, default=20_000)
     ap.add_argument("--out", default=None, help="output root (default: a temporary directory)")
@@ -126,7 +129,8 @@ def main() -> None:
     if args.one is not None:
         n = args.one or 10**9
         out = Path(args.out) / f"n{args.one}"
-        print(json.dumps(run_one(n, args.describe_n, args.descriptors, args.chunk_rows, cores, out)), flush=True)
+        describe_n = None if args.describe_n == "all" else int(args.describe_n)
+        print(json.dumps(run_one(n, describe_n, args.descriptors, args.chunk_rows, cores, out)), flush=True)
         return
 
     root = Path(args.out or tempfile.mkdtemp(prefix="lardo-bench-scale-"))

@@ -117,20 +117,24 @@ class DescribeStage2:
         self.builder = PromptBuilder(cfg.prompt_set, cfg.variant, template)
         self.sampling = cfg.sampling.for_stage(2)
         reg = registry()
-        needed: list[str] = []
-        for name in [*self.builder.descriptors, *template.descriptors(), *CHECKABLE]:
-            if name in reg and name not in needed:
-                needed.append(name)
-        self.needed = needed
+        writer: list[str] = []
+        for name in [*self.builder.descriptors, *template.descriptors()]:
+            if name in reg and name not in writer:
+                writer.append(name)
+        # What the writers need; the post-check of LLM text needs every checkable descriptor besides, since
+        # an LLM may state any of them. Rules-only batches skip those (most of the cost at bulk scale).
+        self.needed_rules = writer
+        self.needed = writer + [n for n in CHECKABLE if n in reg and n not in writer]
         self._llm_rows_used = 0  # llm_slice bookkeeping for batches without a use_llm column
         self._calculators: dict[tuple[str, ...], DescriptorCalculator] = {}
 
     # ---------------------------------------------------------------------------------------- inputs
-    def _values(self, batch: pa.Table, smiles: list[str | None]) -> tuple[list[dict[str, float]], list[str | None]]:
+    def _values(self, batch: pa.Table, smiles: list[str | None], needed: list[str]
+                ) -> tuple[list[dict[str, float]], list[str | None]]:
         n = batch.num_rows
         cols: dict[str, np.ndarray] = {}
         missing = []
-        for name in self.needed:
+        for name in needed:
             if name in batch.column_names:
                 # nulls become NaN: "the DSM could not compute it", never a claim to check against
                 cols[name] = batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(float)
@@ -155,7 +159,7 @@ class DescribeStage2:
                 col = np.full(n, np.nan)
                 col[idx] = vals[:, j]
                 cols[name] = col
-        out = [{name: float(cols[name][i]) for name in self.needed} for i in range(n)]
+        out = [{name: float(cols[name][i]) for name in needed} for i in range(n)]
         return out, errors
 
     def _route(self, batch: pa.Table) -> list[bool]:
@@ -182,8 +186,8 @@ class DescribeStage2:
             from lardo_ray.chem.standardise import mol_id_of
 
             ids = [mol_id_of(s) if s else None for s in smiles]
-        values, errors = self._values(batch, smiles)
         use_llm = self._route(batch)
+        values, errors = self._values(batch, smiles, self.needed if any(use_llm) else self.needed_rules)
         records: list[DescribeRecord | None] = []
         for i in range(n):
             if errors[i] is not None or not smiles[i]:
@@ -256,14 +260,18 @@ class DescribeStage2:
         before: list[PostcheckResult | None] = [None] * n
         if mode != "off":
             for i in range(n):
-                if texts[i] is not None:
+                if texts[i] is None:
+                    continue
+                if prepared.use_llm[i]:
                     before[i] = self._check(texts[i], prepared.values[i])
+                else:  # the rules writer states DSM values only: count them instead of re-parsing its text
+                    before[i] = PostcheckResult(RulesBackend.stated(prepared.records[i]), 0)
+        current = list(before)  # the post-check of texts[i] as it stands
 
         regens = [0] * n
         if mode == "regenerate" and not isinstance(self.backend, RulesBackend):
-            best = list(before)
             for attempt in range(1, cfg.max_regenerations + 1):
-                redo = [i for i in range(n) if best[i] is not None and best[i].n_wrong > 0 and prepared.use_llm[i]]
+                redo = [i for i in range(n) if current[i] is not None and current[i].n_wrong > 0 and prepared.use_llm[i]]
                 if not redo:
                     break
                 out = self._safe_describe(self.backend, [prepared.records[i] for i in redo], seed_offset=attempt)
@@ -274,14 +282,14 @@ class DescribeStage2:
                     lat[i] += g.latency_s
                     if g.error is None and g.text:
                         res = self._check(g.text, prepared.values[i])
-                        if res.n_wrong < best[i].n_wrong:
-                            best[i], texts[i] = res, g.text
+                        if res.n_wrong < current[i].n_wrong:
+                            current[i], texts[i] = res, g.text
 
         after: list[PostcheckResult | None] = [None] * n
         for i in range(n):
             if texts[i] is None or mode == "off":
                 continue
-            res = self._check(texts[i], prepared.values[i])
+            res = current[i]
             if mode in ("correct", "regenerate") and res.n_wrong:
                 texts[i] = correct(texts[i], prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance)
                 res = self._check(texts[i], prepared.values[i])

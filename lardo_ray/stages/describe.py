@@ -36,6 +36,9 @@ log = logging.getLogger("lardo_ray")
 STAGE = "describe"
 ERROR = "error"
 USE_LLM = "use_llm"
+# Rows per call of the stage-2 core: its per-row Python objects (prompt, values, records) cost ~25 KB a
+# row, so a whole 20k-row shard at once held ~0.5 GiB per actor; slices keep that flat at no speed cost.
+SLICE_ROWS = 2048
 
 
 def _empty_rejected() -> pa.Table:
@@ -94,6 +97,12 @@ class _LazyLLMCore:
         self.with_llm = None
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if table.num_rows <= SLICE_ROWS:
+            return self._describe(table)
+        return pa.concat_tables([self._describe(table.slice(i, SLICE_ROWS))
+                                 for i in range(0, table.num_rows, SLICE_ROWS)])
+
+    def _describe(self, table: pa.Table) -> pa.Table:
         from lardo_ray.llm.describe import DescribeStage2
 
         no_llm_rows = USE_LLM in table.column_names and not any(table.column(USE_LLM).to_pylist())

@@ -14,11 +14,12 @@ import re
 import time
 
 from lardo_ray.llm.backends.base import DescribeRecord, Generation, LLMBackend, Messages
-from lardo_ray.llm.postcheck import check
+from lardo_ray.llm.postcheck import CHECKABLE, check
 from lardo_ray.llm.prompts import format_value, label_of
 from lardo_ray.llm.settings import DescribeConfig, SamplingParams
 
 RULES_VERSION = "rules-v1"
+_CHECKABLE = frozenset(CHECKABLE)
 
 _OP = r"(<=|>=|≤|≥|<|>|=<|=>)"
 _NUM = r"(-?\d+(?:\.\d+)?)"
@@ -100,6 +101,18 @@ class RulesBackend(LLMBackend):
             except Exception as e:  # noqa: BLE001 - one odd record must not lose the batch
                 out.append(Generation.failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0))
         return out
+
+    @staticmethod
+    def stated(record: DescribeRecord) -> int:
+        """The post-check's claim count for ``describe(record)`` without parsing it: the DSM values it states
+        of descriptors the post-check knows, all true by construction (tests/unit/llm/test_llm_postcheck_rules.py
+        checks the two agree), so bulk runs need not re-parse the text."""
+        n = 0
+        for prop in record.template.properties:
+            for d in prop.descriptors:
+                v = record.values.get(d)
+                n += d in _CHECKABLE and not (v is None or (isinstance(v, float) and math.isnan(v)))
+        return n
 
     def describe(self, record: DescribeRecord) -> str:
         tpl, values = record.template, record.values

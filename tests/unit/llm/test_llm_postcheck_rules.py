@@ -6,7 +6,7 @@ import pytest
 
 from lardo_ray.llm.backends.base import DescribeRecord
 from lardo_ray.llm.backends.rules import RulesBackend, parse_threshold
-from lardo_ray.llm.cards import load_card
+from lardo_ray.llm.cards import list_cards, load_card
 from lardo_ray.llm.postcheck import check, correct
 from lardo_ray.llm.settings import SamplingParams
 from lardo_ray.llm.stage1 import PropertyClaim, calibrate, default_template, generic_template
@@ -153,3 +153,26 @@ def test_parse_threshold():
     assert parse_threshold("≤ 5") == ("<=", 5.0, None)
     assert parse_threshold("below 500 g/mol") == ("<", 500.0, None)
     assert parse_threshold("around 0.6") is None and parse_threshold(None) is None
+
+
+@pytest.mark.parametrize("card_name", list_cards())
+def test_rules_stated_count_is_what_the_postcheck_finds(card_name):
+    # DescribeStage2 trusts RulesBackend.stated() instead of re-parsing rules text: it must equal the
+    # post-check's own count on every built-in template, for varied molecules (incl. a missing value).
+    from rdkit import Chem
+
+    from lardo_ray.chem.descriptors import DescriptorCalculator
+
+    tpl = default_template(load_card(card_name))
+    smiles = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "O=[N+]([O-])c1ccc(Cl)cc1", "CN1CCC[C@H]1c1cccnc1",
+              "OC(=O)C1=CC=CC=C1C(F)(F)F", "C1CC2CCC1C2", "CCCCCCCCCCCCCCCC(=O)O"]
+    names = tpl.descriptors()
+    vals, _ = DescriptorCalculator(names).compute([Chem.MolFromSmiles(s) for s in smiles])
+    backend = RulesBackend()
+    for i, s in enumerate(smiles):
+        values = dict(zip(names, map(float, vals[i])))
+        if i == 0:
+            values[names[0]] = float("nan")
+        rec = DescribeRecord(smiles=s, messages=[], values=values, template=tpl)
+        res = check(backend.describe(rec), values)
+        assert res.n_wrong == 0 and RulesBackend.stated(rec) == res.n_claims, (card_name, s, res.details)
