@@ -140,7 +140,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", str(size), "--out", str(root), "--describe-n", str(args.describe_n),
                "--descriptors", args.descriptors, "--chunk-rows", str(args.chunk_rows)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        lines = proc.stdout.strip().splitlines()
+        lines = proc.stdout.rstrip().splitlines()
         for ln in lines[:-1]:
             if ln.startswith("  ["):
                 print(ln)
