@@ -43,6 +43,10 @@ class RunConfig(Section):
     )
     progress: bool = True
     overwrite: bool = Field(default=False, description="discard a stage's existing output instead of resuming it")
+    allow_partial: bool = Field(
+        default=False, description="exit 0 when some fine-tune seeds / methods / variants failed but others "
+        "finished (the failures are still printed and logged as FAILED); default: any failure exits 1"
+    )
 
 
 class InputConfig(Section):

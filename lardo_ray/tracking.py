@@ -82,14 +82,20 @@ class Tracker:
         nested = nested or mlflow.active_run() is not None
         r = mlflow.start_run(run_name=run_name, tags=tags or {}, nested=nested)
         outer, self.run_id = self.run_id, r.info.run_id
+        outer_failed, self._failed = getattr(self, "_failed", False), False
         status = "FAILED"
         try:
             yield self
-            status = "FINISHED"
+            status = "FAILED" if self._failed else "FINISHED"
         finally:
+            self._failed = outer_failed
             # end_run pops the run first and then calls the server: a dead server costs only the status.
             self._safe(f"run status {status}", mlflow.end_run, status)
             self.run_id = outer if outer is not None else self.run_id
+
+    def fail_run(self) -> None:
+        """End the innermost open run as FAILED (a method or seed that failed) without raising through it."""
+        self._failed = True
 
     def _safe(self, what: str, fn, *args, **kwargs) -> None:
         if not self.enabled or self.run_id is None:

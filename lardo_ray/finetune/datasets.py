@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs as pafs
+
+from lardo_ray import fs
 
 if TYPE_CHECKING:
     from lardo_ray.finetune.settings import FinetuneConfig
@@ -209,6 +212,30 @@ _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _BOOL = {"true": 1.0, "false": 0.0}
 
 
+def _cached_download(uri: str, card: DatasetCard | None) -> str:
+    """A labelled set in object storage (a file, or a directory holding the card's file) -> a local copy,
+    cached under ~/.cache/lardo_ray/data by URI, size and modification time."""
+    import hashlib
+
+    fsys, path = fs.filesystem_and_path(uri)
+    info = fsys.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data file not found: {uri!r}")
+    if info.type == pafs.FileType.Directory:
+        names = {i.path.rsplit("/", 1)[-1].lower(): i for i in fsys.get_file_info(pafs.FileSelector(path))}
+        wanted = [c.lower() for f in (card.file_names if card else ()) for c in (f, f + ".gz", f.rsplit(".", 1)[0] + ".parquet")]
+        hit = next((names[w] for w in wanted if w in names), None)
+        if hit is None:
+            raise FileNotFoundError(f"none of {wanted} in {uri!r}" + (f" for dataset {card.key}" if card else ""))
+        info, uri = hit, fs.join(uri, hit.path.rsplit("/", 1)[-1])
+    key = hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
+    local_dir = Path(os.environ.get("LARDO_CACHE", Path.home() / ".cache" / "lardo_ray")) / "data" / key
+    local = local_dir / uri.rsplit("/", 1)[-1]
+    if not local.is_file():
+        fs.download(uri, str(local_dir))
+    return str(local)
+
+
 def resolve_path(card: DatasetCard | None, data_path: str | os.PathLike | None) -> Path:
     """The file to read: ``data_path`` itself, the card's usual file inside it, or the bundled copy."""
     if data_path is None:
@@ -223,6 +250,8 @@ def resolve_path(card: DatasetCard | None, data_path: str | os.PathLike | None) 
             f"no data_path for {what} and no bundled copy: set finetune.data_path to the file (e.g. "
             f"/data/{usual}) or to a directory holding {usual}"
         )
+    if fs.is_remote(str(data_path)):
+        data_path = _cached_download(str(data_path), card)
     p = Path(data_path).expanduser()
     if p.is_dir():
         if card is None:

@@ -3,8 +3,8 @@
 Where the encoder comes from (``FinetuneConfig.encoder``):
 
 * ``None``: a random initialisation of the architecture in ``cfg.model`` (the no-pre-training baseline);
-* a local export directory (``save_encoder`` output: ``encoder.safetensors`` + ``encoder.json``; a directory
-  whose ``encoder/`` sub-directory holds them is accepted too);
+* an export directory (``save_encoder`` output: ``encoder.safetensors`` + ``encoder.json``; a directory
+  whose ``encoder/`` sub-directory holds them is accepted too), local or in object storage (``s3://``, ``gs://``);
 * ``runs:/<run_id>/<artifact path>`` or ``models:/<name>/<version>`` (also ``models:/<name>@<alias>``),
   downloaded with ``mlflow.artifacts.download_artifacts`` from the current tracking URI.
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lardo_ray.fs import StorageError, is_remote, local_copy
 from lardo_ray.models.gine import ENCODER_CONFIG, ENCODER_WEIGHTS, GINEConfig, GINEEncoder, load_encoder
 
 if TYPE_CHECKING:
@@ -80,14 +81,20 @@ class PropertyModel(nn.Module):
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """Order-independent fingerprint of a state dict: name, dtype, shape and bytes of every tensor."""
+    """Order-independent fingerprint of a state dict: name, dtype, shape and bytes of every tensor.
+
+    Floating tensors are fingerprinted as fp32 (the dtype every model is rebuilt in), so an export from a
+    bf16/fp16 run written before exports were fp32 still matches the model that loaded it (the widening is
+    exact); a changed value still changes the hash."""
+    from lardo_ray.models.gine import fp32_tensor
+
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
+        t = fp32_tensor(state[k])
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -260,10 +267,12 @@ def resolve_encoder(spec: str | None, download_dir: str | Path | None = None) ->
                 return _resolve_mlflow(spec, tmp)
         Path(download_dir).mkdir(parents=True, exist_ok=True)
         return _resolve_mlflow(spec, str(download_dir))
-    if "://" in spec:
-        raise EncoderResolveError(
-            f"finetune.encoder={spec!r}: give a local export directory, runs:/RUN_ID/PATH or models:/NAME/VERSION"
-        )
+    if is_remote(spec):  # an export directory in object storage (s3://, gs://, ...): read into memory
+        try:
+            with local_copy(spec) as local:
+                return EncoderSource.from_dir(local, spec=spec)
+        except StorageError as e:
+            raise EncoderResolveError(f"finetune.encoder={spec!r}: {e}") from None
     return EncoderSource.from_dir(spec, spec=spec)
 
 

@@ -143,15 +143,28 @@ class GINEEncoder(nn.Module):
         return pool(h, batch, size=num_graphs)
 
 
+def fp32_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU, contiguous copy with floating dtypes widened to float32 (integer buffers unchanged)."""
+    t = t.detach().to("cpu")
+    return (t.float() if t.is_floating_point() else t).contiguous()
+
+
 def save_encoder(model: GINEEncoder, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``encoder.safetensors`` + ``encoder.json`` under ``directory`` (created). Returns the directory."""
+    """Write ``encoder.safetensors`` + ``encoder.json`` under ``directory`` (created). Returns the directory.
+
+    Floating tensors are written in fp32 whatever the training precision: a bf16/fp16 engine's weights would
+    otherwise not load bit-exactly into the fp32 model every consumer builds (bf16/fp16 -> fp32 is exact).
+    The training dtype is kept in encoder.json (``trained_dtype``)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    raw = model.state_dict()
+    trained = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values() if v.is_floating_point()})
+    state = {k: fp32_tensor(v) for k, v in raw.items()}
     save_file(state, str(d / ENCODER_WEIGHTS), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(model.config), "out_dim": model.out_dim}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(model.config), "out_dim": model.out_dim,
+            "dtype": "float32", "trained_dtype": ",".join(trained)}
     if extra:
         meta["extra"] = extra
     (d / ENCODER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -10,14 +10,17 @@ Re-running resumes: finished stages, checkpoints and seeds are skipped.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from lardo_ray import fs
 from lardo_ray.config import ConfigError, PipelineConfig, _format_validation_error, apply_overrides
+
+log = logging.getLogger("lardo_ray")
 
 PRETRAIN_STAGES = ("dsm", "describe", "embed", "featurize", "pretrain")
 
@@ -31,11 +34,24 @@ class AblationResult:
     chemprop: Any = None
     compare: Any = None
 
+    variant_errors: dict[str, str] = field(default_factory=dict)  # variant -> why its pre-training failed
+
+    def failures(self) -> list[str]:
+        out = [f"ablate variant {label}: pre-training failed: {err}" for label, err in self.variant_errors.items()]
+        if self.grid is not None:
+            out += self.grid.failures()
+        if self.chemprop is not None:
+            out += [f"chemprop seed {s}: {e.strip().splitlines()[-1][:300] if e.strip() else e}"
+                    for s, e in sorted(self.chemprop.failed.items())]
+        return out
+
     def lines(self) -> list[str]:
         out = ["== ablation summary ==", f"  outputs     {self.output_dir}/<variant>/"]
         for label, enc in self.encoders.items():
             took = f"{self.seconds[label]:7.1f} s" if label in self.seconds else "        "
             what = enc or ("D-MPNN from scratch (chemprop CLI)" if label == "chemprop" else "random init")
+            if label in self.variant_errors:
+                what = f"FAILED: {self.variant_errors[label][:200]}"
             out.append(f"  {label:<16s} {took}  {what}")
         if "finetune" in self.seconds:
             out.append(f"  {'finetune grid':<16s} {self.seconds['finetune']:7.1f} s")
@@ -80,16 +96,24 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
             print(f"\n##### variant {label}: {', '.join(stages)} #####", flush=True)
         t0 = time.time()
         state = PipelineResult(output_dir=vcfg.run.output_dir)
-        for stage in stages:
-            if show:
-                print(f"\n=== [{label}] {stage} ===", flush=True)
-            res = _run_stage(stage, vcfg, state)
-            state.stages[stage] = res
-            if show and hasattr(res, "lines"):
-                print("\n".join(res.lines()), flush=True)
-        export = getattr(state.stages.get("pretrain"), "export_dir", None) or f"{vcfg.stage_dir('pretrain')}/encoder"
-        if not os.path.exists(os.path.join(export, "encoder.json")):
-            raise RuntimeError(f"variant {label}: no encoder export at {export}")
+        export = fs.join(vcfg.stage_dir("pretrain"), "encoder")
+        try:
+            for stage in stages:
+                if show:
+                    print(f"\n=== [{label}] {stage} ===", flush=True)
+                res = _run_stage(stage, vcfg, state)
+                state.stages[stage] = res
+                if show and hasattr(res, "lines"):
+                    print("\n".join(res.lines()), flush=True)
+            export = getattr(state.stages.get("pretrain"), "export_dir", None) or export
+            if not fs.exists(fs.join(export, "encoder.json")):
+                raise RuntimeError(f"no encoder export at {export}")
+        except ConfigError:
+            raise  # a wrong setting: the same for every variant, stop now
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not cost the others
+            # The grid still fine-tunes it, so its seeds fail as FAILED runs in MLflow, named in the summary.
+            result.variant_errors[label] = f"{type(e).__name__}: {str(e).strip()[:1000]}"
+            log.error("ablate: variant %s failed: %s", label, result.variant_errors[label])
         result.encoders[label] = export
         result.seconds[label] = time.time() - t0
     methods: list[tuple[str, str | None]] = list(result.encoders.items())

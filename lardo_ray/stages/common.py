@@ -78,7 +78,8 @@ class StageSummary:
         return m
 
 
-def open_output(cfg: PipelineConfig, stage: str, config_hash: str, fingerprint: str, n_units: int) -> StageOutput:
+def open_output(cfg: PipelineConfig, stage: str, config_hash: str, fingerprint: str, n_units: int,
+                **manifest_extra: Any) -> StageOutput:
     """Check the output is writable and holds nothing of other settings; prepare it for (re)use."""
     stage_dir = cfg.stage_dir(stage)
     check_writable(stage_dir)
@@ -93,7 +94,7 @@ def open_output(cfg: PipelineConfig, stage: str, config_hash: str, fingerprint: 
         )
     out.prepare()
     out.write_manifest({"stage": stage, "status": "running", "config_hash": config_hash,
-                        "input_fingerprint": fingerprint, "n_chunks": n_units})
+                        "input_fingerprint": fingerprint, "n_chunks": n_units, **manifest_extra})
     return out
 
 

@@ -46,10 +46,12 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lardo_ray import fs
 from lardo_ray.config_base import ConfigError
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, default_metric, higher_is_better, mean_std
 from lardo_ray.finetune.settings import CompareConfig
@@ -132,6 +134,7 @@ class CompareResult:
     n_runs: int = 0  # MLflow runs the numbers come from
     splits: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    local_files: list[str] = field(default_factory=list)  # the same three files on this machine (for MLflow)
 
 
 # ---------------------------------------------------------------- reading MLflow
@@ -549,20 +552,30 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
     footnotes += [f"Note: {n}" for n in notes]
     wide, md = _wide_and_markdown(table, title, footnotes)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    base = os.path.join(cfg.output_dir, cfg.name)
-    csv_path, md_path, png_path = base + ".csv", base + ".md", base + ".png"
-    table.to_csv(csv_path, index=False)
-    with open(md_path, "w", encoding="utf-8") as f:
+    # Written in a local directory (matplotlib and MLflow need local files), then uploaded when
+    # compare.output_dir is object storage; the local copies stay for the caller to log as artifacts.
+    local = cfg.output_dir if not fs.is_remote(cfg.output_dir) else tempfile.mkdtemp(prefix="lardo-compare-")
+    os.makedirs(local, exist_ok=True)
+    names = [f"{cfg.name}.csv", f"{cfg.name}.md", f"{cfg.name}.png"]
+    local_files = [os.path.join(local, n) for n in names]
+    table.to_csv(local_files[0], index=False)
+    with open(local_files[1], "w", encoding="utf-8") as f:
         f.write(md)
-    _plot(table, title, png_path)
+    _plot(table, title, local_files[2])
+    if fs.is_remote(cfg.output_dir):
+        for path, name in zip(local_files, names):
+            fs.upload(path, fs.join(cfg.output_dir, name))
+        csv_path, md_path, png_path = (fs.join(cfg.output_dir, n) for n in names)
+    else:
+        csv_path, md_path, png_path = local_files
     n_runs = sum(len(r.split(";")) for r in table.loc[~table["published"], "run_ids"] if r)
     for n in notes:
         log.info("compare: %s", n)
     if echo:
         print(md)
     return CompareResult(table=table, wide=wide, markdown=md, title=title, csv_path=csv_path,
-                         markdown_path=md_path, png_path=png_path, n_runs=n_runs, splits=splits, notes=notes)
+                         markdown_path=md_path, png_path=png_path, n_runs=n_runs, splits=splits, notes=notes,
+                         local_files=local_files)
 
 
 def resolved_compare_config(cfg: PipelineConfig) -> CompareConfig:

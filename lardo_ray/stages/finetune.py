@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lardo_ray import fs
 from lardo_ray.config import ConfigError, PipelineConfig
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std, parent_summary
 from lardo_ray.finetune.splits import describe_split
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
     from lardo_ray.tracking import Tracker
 
 log = logging.getLogger("lardo_ray")
+
+
+def last_line(err: str, limit: int = 300) -> str:
+    """The line of an error text that says what went wrong (a traceback's last line)."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else str(err))[:limit]
 
 TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given
 TAG_ENCODER_SHA = "lardo.encoder_sha256"  # fingerprint of the encoder tensors the runs started from
@@ -76,7 +83,8 @@ class FinetuneResult:
     child_run_ids: dict[int, str] = field(default_factory=dict)
     experiment: str | None = None
     tracking_uri: str | None = None
-    csv_path: str | None = None
+    csv_path: str | None = None  # where the per-seed table was written (local path or URI)
+    csv_local: str | None = None  # the same file on this machine
     not_logged: list[str] = field(default_factory=list)
 
     @property
@@ -86,6 +94,10 @@ class FinetuneResult:
     @property
     def split_description(self) -> str:
         return describe_split(self.split, self.split_sizes)
+
+    def failures(self) -> list[str]:
+        """One line per failed seed: what failed and why (the CLI prints them and exits non-zero)."""
+        return [f"finetune {self.dataset}/{self.method} seed {s}: {last_line(e)}" for s, e in sorted(self.failed.items())]
 
     def summary(self) -> dict[str, MeanStd]:
         """test_<m> / valid_<m> (and test_mae / valid_mae for regression) -> mean ± std over the seeds."""
@@ -185,6 +197,9 @@ class GridResult:
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.results)
+
+    def failures(self) -> list[str]:
+        return [line for r in self.results for line in r.failures()]
 
     def get(self, dataset: str, method: str) -> FinetuneResult:
         for r in self.results:
@@ -335,10 +350,6 @@ def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]])
         log.warning("MLflow: could not log the epoch history: %s", str(e)[:200])
 
 
-class _SeedFailed(Exception):
-    pass
-
-
 def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSource | None,
                prepared: PreparedTask) -> None:
     """Parent run + one nested child per seed (compare contract), then the parent's mean/std."""
@@ -366,20 +377,21 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                 tracker.run_id = parent_id
             for seed, err in sorted(res.failed.items()):
                 tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=seed, **base), **extra}
-                try:  # a FAILED child: leaving its context by an exception makes MLflow mark it so
-                    with tracker.run(f"seed{seed}", tags=tags, nested=True):
-                        tracker.log_params({**params, "seed": seed})
-                        tracker.log_text(err, "error.txt")
-                        raise _SeedFailed
-                except _SeedFailed:
-                    pass
+                with tracker.run(f"seed{seed}", tags=tags, nested=True):
+                    tracker.log_params({**params, "seed": seed})
+                    tracker.log_text(err, "error.txt")
+                    tracker.set_tags({"lardo.error": err.strip().splitlines()[-1][:500] if err.strip() else err})
+                    tracker.fail_run()
                 tracker.run_id = parent_id
+            if not res.seeds:  # the method failed: its parent run says so too
+                tracker.log_text("\n\n".join(f"seed {s}: {e}" for s, e in sorted(res.failed.items())), "error.txt")
+                tracker.fail_run()
             if res.seeds:
                 tracker.log_metrics({**parent_summary([r.metrics() for r in res.seeds]),
                                      "wall_seconds": res.wall_seconds,
                                      "n_failed_seeds": float(len(res.failed))})
-            if res.csv_path:
-                tracker.log_artifact(res.csv_path)
+            if res.csv_local:
+                tracker.log_artifact(res.csv_local)
     finally:
         tracker.run_id = outer_run_id  # Tracker.run leaves the last run's id behind; the caller's run is back
     if tracker.enabled:
@@ -397,7 +409,7 @@ def _progress(cfg: PipelineConfig, text: str) -> None:
 
 def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | None,
                 use_ray: bool) -> list[FinetuneResult]:
-    from lardo_ray.finetune.model import resolve_encoder
+    from lardo_ray.finetune.model import EncoderResolveError, resolve_encoder
     from lardo_ray.finetune.train import prepare_task, split_for
     from lardo_ray.tracking import make_tracker
 
@@ -406,15 +418,24 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
     tracker.check_reachable()  # before any work; also points mlflow at the store for runs:/ and models:/ URIs
 
     # once per encoder spec: download / read (bytes travel to the tasks)
+    # An encoder that cannot be read fails its method's seeds (named in the summary and MLflow); the other
+    # methods still run, and the command exits non-zero at the end.
     encoders: dict[str | None, EncoderSource | None] = {None: None}
+    encoder_errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lardo_ft_enc_") as tmp:
         for i, spec in enumerate(dict.fromkeys(g.encoder_spec for g in groups)):
             if spec is not None:
-                encoders[spec] = resolve_encoder(spec, download_dir=os.path.join(tmp, str(i)))
+                try:
+                    encoders[spec] = resolve_encoder(spec, download_dir=os.path.join(tmp, str(i)))
+                except EncoderResolveError as e:
+                    encoders[spec], encoder_errors[spec] = None, f"EncoderResolveError: {e}"
+                    _progress(cfg, f"encoder {spec}: cannot be loaded: {e}")
+                    continue
                 _progress(cfg, f"encoder {encoders[spec].describe()}")  # type: ignore[union-attr]
 
     # once per dataset: read, featurise, split every seed
-    stage_dir = _local_dir(cfg.stage_dir("finetune"))
+    stage_uri = cfg.stage_dir("finetune")
+    stage_dir = _local_dir(stage_uri)  # the graph cache is local only
     cache_dir = os.path.join(stage_dir, "graph_cache") if stage_dir else None
     prepared: dict[str, PreparedTask] = {}
     for g in groups:
@@ -443,13 +464,16 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
             n_dropped=p.data.n_dropped + p.n_featurize_rejected, featurize_seconds=p.featurize_seconds,
             wall_seconds=time.perf_counter() - t0,
         )
-        if stage_dir and ok:
+        if ok:
+            # A local file first (MLflow logs local files), then uploaded when the stage dir is object storage.
+            name = f"{_safe_name(g.dataset_key)}__{_safe_name(g.method)}__{ft.split}.csv"
             try:
-                os.makedirs(stage_dir, exist_ok=True)
-                path = os.path.join(stage_dir, f"{_safe_name(g.dataset_key)}__{_safe_name(g.method)}__{ft.split}.csv")
-                res.table.to_csv(path, index=False)
-                res.csv_path = path
-            except OSError as e:
+                local = stage_dir or tempfile.mkdtemp(prefix="lardo-ft-")
+                os.makedirs(local, exist_ok=True)
+                res.csv_local = os.path.join(local, name)
+                res.table.to_csv(res.csv_local, index=False)
+                res.csv_path = res.csv_local if stage_dir else fs.upload(res.csv_local, fs.join(stage_uri, name))
+            except (OSError, fs.StorageError) as e:
                 log.warning("finetune: could not write the results table: %s", e)
         try:
             _log_group(tracker, g, res, enc, p)
@@ -473,8 +497,13 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
 
     for g in groups:
         g.pending = set(g.cfg.finetune.seeds)
+    runnable = [g for g in groups if g.encoder_spec not in encoder_errors]
+    for g in groups:
+        if g.encoder_spec in encoder_errors:
+            for s in g.cfg.finetune.seeds:
+                done(g, s, None, encoder_errors[g.encoder_spec])
 
-    if use_ray:
+    if use_ray and runnable:
         import ray
 
         from lardo_ray.execution import init_ray
@@ -483,7 +512,7 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         data_refs = {k: ray.put(p) for k, p in prepared.items()}
         enc_refs = {k: (ray.put(v) if v is not None else None) for k, v in encoders.items()}
         refs: dict[Any, tuple[_Group, int]] = {}
-        for g in groups:
+        for g in runnable:
             res = g.cfg.finetune.ray
             opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
             if res.resources:
@@ -506,12 +535,12 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                     done(g, s, ray.get(ref), None)
                 except Exception as e:  # noqa: BLE001 - RayTaskError wraps the seed's exception
                     done(g, s, None, f"{type(e).__name__}: {e}")
-    else:
+    elif runnable:
         import torch
 
         prev = torch.get_num_threads()
         try:
-            for g in groups:
+            for g in runnable:
                 for s in g.cfg.finetune.seeds:
                     from lardo_ray.finetune.train import finetune_seed
 

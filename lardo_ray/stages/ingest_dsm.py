@@ -19,7 +19,8 @@ from lardo_ray import schema
 from lardo_ray.chem.descriptors import DescriptorCalculator
 from lardo_ray.chem.standardise import DUPLICATE, Standardiser
 from lardo_ray.config import ConfigError, IngestConfig, PipelineConfig, dump_config
-from lardo_ray.io import ChunkSpec, StageOutput, check_writable, input_fingerprint, plan_chunks, read_chunk
+from lardo_ray.io import (MIN_CHUNK_ROWS, ChunkSpec, StageOutput, auto_chunk_rows, check_writable, input_fingerprint,
+                          plan_chunks, read_chunk)
 from lardo_ray.stages.common import (
     StageSummary,
     finish,
@@ -179,6 +180,25 @@ def drop_duplicates(out: StageOutput, chunk_ids: list[str]) -> int:
 # ---------------------------------------------------------------- the whole stage
 
 
+def _chunk_rows(cfg: PipelineConfig):
+    """Rows per chunk: the plan an earlier run of this output used (a resumed run must find the same chunks,
+    whatever the cluster's size now), else sized from the input's row count and the actor pool
+    (``auto_chunk_rows``), ``input.chunk_rows`` being the upper bound."""
+    from lardo_ray.execution import init_ray, pool_size
+
+    manifest = None if cfg.run.overwrite else StageOutput(cfg.stage_dir(STAGE)).read_manifest()
+    if manifest and manifest.get("chunk_rows"):
+        return int(manifest["chunk_rows"])
+
+    def size(total: int) -> int:
+        if total <= MIN_CHUNK_ROWS:
+            return cfg.input.chunk_rows  # one small chunk: no need to start Ray to plan it
+        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
+        return auto_chunk_rows(total, pool_size(cfg.dsm.ray, 1 << 30), cfg.input.chunk_rows)
+
+    return size
+
+
 def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
     """The whole stage. Raises ConfigError/InputError before any work when the setup is wrong."""
     from lardo_ray.tracking import make_tracker
@@ -187,22 +207,24 @@ def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
     if not cfg.input.path:
         raise ConfigError("config key 'input.path' is empty: give --input FILE or set input.path")
     check_writable(cfg.stage_dir(STAGE))
+    rows_per_chunk = _chunk_rows(cfg)
     chunks = plan_chunks(
         cfg.input.path,
         fmt=cfg.input.format,
         smiles_column=cfg.input.smiles_column,
         id_column=cfg.input.id_column,
         keep_columns=cfg.input.keep_columns,
-        chunk_rows=cfg.input.chunk_rows,
+        chunk_rows=rows_per_chunk,
         limit=cfg.input.limit,
         hf_split=cfg.input.hf_split,
     )
+    planned_rows = max((c.n_rows for c in chunks), default=0)
     chunk_ids = [c.chunk_id for c in chunks]
     fingerprint = input_fingerprint(chunks)
     config_hash = cfg.fingerprint("input", "ingest", "dsm")
     tracker = tracker or make_tracker(cfg)
     tracker.check_reachable()
-    out = open_output(cfg, STAGE, config_hash, fingerprint, len(chunks))
+    out = open_output(cfg, STAGE, config_hash, fingerprint, len(chunks), chunk_rows=planned_rows)
     todo_ids = set(pending(out, chunk_ids, config_hash))
     todo = [c for c in chunks if c.chunk_id in todo_ids]
     log.info("dsm: %d chunks planned, %d already done", len(chunks), len(chunks) - len(todo))
@@ -222,7 +244,7 @@ def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
         tracker.log_metrics(summary.metrics())
         summary.not_logged = list(tracker.not_logged)
         summary.mlflow_run_id = tracker.run_id
-    finish(out, summary, config_hash, fingerprint, chunk_ids,
+    finish(out, summary, config_hash, fingerprint, chunk_ids, chunk_rows=planned_rows,
            descriptors=DescriptorCalculator(cfg.dsm.descriptors).names)
     return summary
 

@@ -27,6 +27,9 @@ class PipelineResult:
     compare_files: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
+    def failures(self) -> list[str]:
+        return [line for res in self.stages.values() if hasattr(res, "failures") for line in res.failures()]
+
     def lines(self) -> list[str]:
         out = ["== pipeline summary ==", f"  outputs     {self.output_dir}/<stage>/"]
         for name, secs in self.seconds.items():
@@ -77,7 +80,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             c = result.stages["compare"]
             result.compare_markdown = c.markdown
             result.compare_files = [p for p in (c.csv_path, c.markdown_path, c.png_path) if p]
-            for p in result.compare_files:
+            for p in c.local_files:
                 tracker.log_artifact(p, "compare")
     return result
 
@@ -106,9 +109,17 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
     if stage == "finetune":
         from lardo_ray.stages.finetune import run_finetune_grid
 
-        encoder = pretrained_encoder(cfg, result)
-        methods = [(cfg.pipeline.method_name, encoder)] if encoder else []
-        if cfg.pipeline.scratch_baseline or not methods:
+        from lardo_ray import fs
+        from lardo_ray.finetune.model import EncoderResolveError
+
+        try:
+            encoder = pretrained_encoder(cfg, result)
+        except EncoderResolveError as e:
+            # The method then fails in the grid (named in the summary and in MLflow); scratch still runs.
+            log.error("pipeline: %s", e)
+            encoder = fs.join(cfg.stage_dir("pretrain"), "encoder")
+        methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name, encoder)]
+        if cfg.pipeline.scratch_baseline:
             methods.append(("scratch", None))
         return run_finetune_grid(cfg, methods)
     if stage == "compare":
@@ -119,12 +130,21 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
     raise ValueError(stage)
 
 
-def pretrained_encoder(cfg: PipelineConfig, result: PipelineResult) -> str | None:
-    """The encoder this pipeline pre-trained (this run or an earlier, resumed one), or the configured one."""
-    import os
+def pretrained_encoder(cfg: PipelineConfig, result: PipelineResult) -> str:
+    """The encoder this pipeline pre-trained (this run or an earlier, resumed one), or the configured one.
+
+    Raises EncoderResolveError when there is none: the pipeline exists to compare a pre-trained encoder with
+    scratch, so fine-tuning scratch alone would be a silent downgrade."""
+    from lardo_ray import fs
+    from lardo_ray.finetune.model import EncoderResolveError
+    from lardo_ray.models.gine import ENCODER_CONFIG
 
     if cfg.finetune.encoder:
         return cfg.finetune.encoder
     pre = result.stages.get("pretrain")
-    path = getattr(pre, "export_dir", None) or f"{cfg.stage_dir('pretrain')}/encoder"
-    return path if os.path.exists(os.path.join(path, "encoder.json")) else None
+    path = getattr(pre, "export_dir", None) or fs.join(cfg.stage_dir("pretrain"), "encoder")
+    if not fs.exists(fs.join(path, ENCODER_CONFIG)):
+        raise EncoderResolveError(
+            f"no pre-trained encoder at {path} (the pretrain stage's export): run the pretrain stage "
+            "(pipeline.stages) or set finetune.encoder")
+    return path
