@@ -110,6 +110,15 @@ _DATA_EXTENSIONS = ("*.csv", "*.tsv", "*.smi", "*.smiles", "*.parquet", "*.pq", 
 
 def list_input_files(uri: str) -> list[str]:
     """A file, a directory (recursively, data files only) or a glob. Sorted: chunk ids must be stable."""
+    try:
+        return _list_input_files(uri)
+    except (OSError, ValueError) as e:  # an unreachable store / bucket: say which input, before any work
+        if isinstance(e, ConfigError):
+            raise
+        raise InputError(f"input (input.path) {uri!r} cannot be read: {e}") from None
+
+
+def _list_input_files(uri: str) -> list[str]:
     fs, path = filesystem_and_path(uri)
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
 

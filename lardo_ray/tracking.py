@@ -41,8 +41,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """A thin wrapper over an active MLflow run that never raises once the run is open."""
 
-    def __init__(self, enabled: bool, uri: str, experiment: str):
+    def __init__(self, enabled: bool, uri: str, experiment: str, artifact_location: str | None = None):
         self.enabled, self.uri, self.experiment = enabled, uri, experiment
+        self.artifact_location = artifact_location  # for a new experiment in a local store; None = beside it
         self.run_id: str | None = None
         self.not_logged: list[str] = []
 
@@ -58,8 +59,8 @@ class Tracker:
             client = mlflow.MlflowClient(self.uri)
             if client.get_experiment_by_name(self.experiment) is None:
                 # A local store keeps its artifacts beside itself, not in ./mlruns of whatever cwd.
-                location = None
-                if self.uri.startswith("sqlite:///"):
+                location = self.artifact_location
+                if location is None and self.uri.startswith("sqlite:///"):
                     db = self.uri[len("sqlite:///"):]
                     location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
                 client.create_experiment(self.experiment, artifact_location=location)
@@ -139,4 +140,7 @@ class Tracker:
 def make_tracker(cfg) -> Tracker:
     """The pipeline config's tracker (cfg: lardo_ray.config.PipelineConfig)."""
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run.output_dir)
-    return Tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment)
+    # A local store for a run whose outputs are in object storage keeps its artifacts there too.
+    location = (f"{cfg.run.output_dir.rstrip('/')}/mlartifacts"
+                if uri.startswith("sqlite:///") and "://" in cfg.run.output_dir else None)
+    return Tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, location)

@@ -34,7 +34,7 @@ UPSTREAM = "featurize"
 ENCODER_DIR = "encoder"
 DS_CONFIG_FILE = "deepspeed_config.json"
 # Settings that change how the job runs, not what it learns: changing them keeps a run resumable.
-OPERATIONAL = {"max_failures", "storage_path", "keep_checkpoints", "torch_threads", "data_num_cpus",
+OPERATIONAL = {"max_failures", "placement_strategy", "storage_path", "keep_checkpoints", "torch_threads", "data_num_cpus",
                "resources_per_worker", "log_every_steps", "eval_every_steps", "eval_max_rows",
                "checkpoint_every_steps", "cache_data"}
 

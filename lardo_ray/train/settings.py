@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lardo_ray.config_base import RayResources, Section
 
@@ -130,6 +130,10 @@ class PretrainConfig(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources per training worker, e.g. {'CPU': 4, 'GPU': 1}"
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="where the workers go (Ray placement group strategy): PACK fills a node "
+        "first, SPREAD puts them on different nodes where it can, STRICT_SPREAD one per node or not at all"
+    )
     max_failures: int = Field(
         default=0, ge=-1, description="Ray Train restarts from the last checkpoint (-1 = forever)"
     )
@@ -155,6 +159,14 @@ class PretrainConfig(Section):
         default=1_000, ge=0,
         description="rows in each worker's local shuffle buffer (Ray Data iter_batches); 0 = stream order",
     )
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> PretrainConfig:
+        # DeepSpeed's CPU accelerator has no fp16 (it raises deep inside the first worker); refuse it at start.
+        if self.deepspeed.precision == "fp16" and not self.use_gpu:
+            raise ValueError("pretrain.deepspeed.precision=fp16 needs GPUs (pretrain.use_gpu=true): DeepSpeed has "
+                             "no fp16 on CPUs; use bf16 or fp32 there")
+        return self
 
     @property
     def micro_batch_size(self) -> int:

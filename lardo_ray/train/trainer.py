@@ -466,7 +466,8 @@ def run_training(pcfg: PretrainConfig, mcfg: ModelConfig, files: list[str], *, n
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=pcfg.num_workers, use_gpu=pcfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=pcfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

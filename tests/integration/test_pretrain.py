@@ -290,6 +290,65 @@ def test_crashed_job_resumes_on_rerun(ray_local, featurized, tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------------------
+# bf16 / fp16 training -> an fp32 export that fine-tunes (the GPU preset's setting, here on CPU)
+# ---------------------------------------------------------------------------------------------------------
+def test_fp16_on_cpu_is_refused_at_start_and_an_fp16_encoder_exports_fp32_that_fine_tunes(tmp_path):
+    """DeepSpeed has no fp16 on CPUs: the config says so before any work. What an fp16 engine holds (an
+    fp16 encoder) still exports fp32 and fine-tunes, which is the GPU path's round trip without the GPU."""
+    import torch
+
+    from lardo_ray.finetune.model import EncoderSource
+    from lardo_ray.models.gine import GINEConfig, GINEEncoder, save_encoder
+    from lardo_ray.stages.finetune import run_finetune
+
+    with pytest.raises(ConfigError, match=r"pretrain.deepspeed.precision=fp16 needs GPUs"):
+        _cfg(tmp_path / "out", "pretrain.deepspeed.precision=fp16")
+    assert _cfg(tmp_path / "out", "pretrain.deepspeed.precision=fp16", "pretrain.use_gpu=true")
+    enc = GINEEncoder(GINEConfig(num_layers=2, hidden=64)).half()
+    export = save_encoder(enc, tmp_path / "enc")
+    meta = json.loads((export / "encoder.json").read_text())
+    assert meta["trained_dtype"] == "float16"
+    src = EncoderSource.from_dir(export)
+    assert all(t.dtype == torch.float32 for t in src.state_dict().values() if t.is_floating_point())
+    # fp16 -> fp32 is exact: the export holds the fp16 values
+    assert all(torch.equal(src.state_dict()[k], v.float()) for k, v in enc.state_dict().items())
+    ft = load_config(None, [f"run.output_dir={tmp_path / 'ft'}", "run.progress=false", "tracking.enabled=false",
+                            f"finetune.encoder={export}", "finetune.seeds=[0]", "finetune.epochs=1",
+                            "finetune.batch_size=64"])
+    res = run_finetune(ft, use_ray=False)
+    assert res.ok and res.encoder_sha256 == src.sha256
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_low_precision_pretraining_exports_fp32_that_fine_tunes(ray_local, featurized, tmp_path, precision):
+    import torch
+    from safetensors.torch import load_file
+
+    from lardo_ray.finetune.model import EncoderSource
+    from lardo_ray.stages.finetune import run_finetune
+    from lardo_ray.stages.pretrain import run_pretrain
+
+    out = _out_dir(tmp_path, featurized)
+    _mlflow_client(out)
+    cfg = _cfg(out, "pretrain.epochs=1", "pretrain.num_workers=1", f"pretrain.deepspeed.precision={precision}")
+    result = run_pretrain(cfg)
+    export = Path(result.export_dir)
+    state = load_file(str(export / "encoder.safetensors"))
+    floats = {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float32}, floats
+    meta = json.loads((export / "encoder.json").read_text())
+    assert meta["dtype"] == "float32" and meta["trained_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert math.isfinite(result.final_metrics["train_loss"])
+
+    ft = load_config(None, [f"run.output_dir={out}", "run.progress=false", "tracking.enabled=false",
+                            f"finetune.encoder={export}", "finetune.seeds=[0]", "finetune.epochs=1",
+                            "finetune.batch_size=64"])
+    res = run_finetune(ft, use_ray=False)
+    assert res.ok, res.failed  # the sha check passed: the fine-tune starts from exactly the exported tensors
+    assert res.encoder_sha256 == EncoderSource.from_dir(export).sha256
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checks before any work (no Ray needed)
 # ---------------------------------------------------------------------------------------------------------
 def test_needs_complete_featurize_output(tmp_path):

@@ -105,3 +105,30 @@ def test_atomic_shards_and_markers(tmp_path):
     out.write_marker("00000-000000", {"n_read": 1})
     assert out.read_markers() == {"00000-000000": {"n_read": 1}}
     assert not [p for p in (tmp_path / "stage" / "data").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("total, actors, upper, expect", [
+    (30_000, 2, 20_000, 3_750),  # 8 even chunks, not 20,000 + 10,000 with one actor idle
+    (100_000, 2, 20_000, 12_500),
+    (1_584_663, 2, 20_000, 20_000),  # input.chunk_rows stays the upper bound (the resume unit)
+    (6_000, 2, 20_000, 2_000),  # chunks stay >= MIN_CHUNK_ROWS ...
+    (3_000, 2, 20_000, 1_500),  # ... unless that would leave an actor without a chunk
+    (500, 8, 20_000, 63),
+    (10_000, 1, 20_000, 2_500),
+])
+def test_auto_chunk_rows_keeps_every_actor_busy(total, actors, upper, expect):
+    from lardo_ray.io import auto_chunk_rows
+
+    rows = auto_chunk_rows(total, actors, upper)
+    assert rows == expect
+    n_chunks = -(-total // rows)
+    assert n_chunks >= min(actors, total)
+
+
+def test_plan_chunks_sizes_chunks_from_the_row_count(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("smiles\n" + "\n".join(["CCO"] * 1000) + "\n")
+    seen = []
+    chunks = plan_chunks(str(p), chunk_rows=lambda n: seen.append(n) or 300, limit=900)
+    assert seen == [900]  # the count after input.limit
+    assert [c.n_rows for c in chunks] == [300, 300, 300]
