@@ -76,7 +76,9 @@ class S3Server:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={self.port}", f"-s3.config={conf}", "-volume.max=0"],
+             "-s3", f"-s3.port={self.port}", f"-s3.config={conf}", "-volume.max=0",
+             # the Iceberg and Lance listeners have fixed default ports: two servers would collide
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         last = None

@@ -196,6 +196,21 @@ def find_run_id(export_dir: str | Path) -> str | None:
     return None
 
 
+def _remote_run_id(spec: str) -> str:
+    """The run id in the pretrain manifest beside a remote export (``<out>/pretrain/manifest.json``), or ""."""
+    from lardo_ray import fs
+
+    parent = spec.rstrip("/").rsplit("/", 1)[0]
+    for cand in (fs.join(spec, "manifest.json"), fs.join(parent, "manifest.json")):
+        try:
+            found = _run_id_in(json.loads(fs.read_bytes(cand))) if fs.is_file(cand) else None
+        except (OSError, ValueError):
+            found = None
+        if found:
+            return found
+    return ""
+
+
 def _model_uri_run_id(uri: str) -> str:
     """The source run of ``models:/name/version`` or ``models:/name@alias`` (best effort; "" when unknown)."""
     import mlflow
@@ -270,7 +285,7 @@ def resolve_encoder(spec: str | None, download_dir: str | Path | None = None) ->
     if is_remote(spec):  # an export directory in object storage (s3://, gs://, ...): read into memory
         try:
             with local_copy(spec) as local:
-                return EncoderSource.from_dir(local, spec=spec)
+                return EncoderSource.from_dir(local, spec=spec, run_id=_remote_run_id(spec))
         except StorageError as e:
             raise EncoderResolveError(f"finetune.encoder={spec!r}: {e}") from None
     return EncoderSource.from_dir(spec, spec=spec)

@@ -161,3 +161,52 @@ def test_grid_config_errors_and_tracking_off(tmp_path):
     assert r.ok and r.parent_run_id is None and r.child_run_ids == {} and not r.not_logged
     assert list(r.table["seed"]) == ["3", "mean", "std"]
     assert "scratch" in "\n".join(grid.lines())
+
+
+@pytest.mark.slow
+def test_a_method_that_fails_exits_non_zero_after_the_rest_finished(tmp_path):
+    """The CLI as users run it: an encoder that cannot be loaded fails its method (FAILED in MLflow, named on
+    stderr, exit 1) while scratch still runs; --allow-partial exits 0 with the same list."""
+    import mlflow
+
+    from tests.integration.conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["finetune", "--method", f"lardo={tmp_path / 'no-such-encoder'}", "--method", "scratch=",
+            "--dataset", "bbbp", "--output", str(tmp_path / "out"), *[a for kv in TINY for a in ("--set", kv)],
+            "--set", "finetune.seeds=[0]", "--set", "finetune.epochs=1",
+            "--set", f"tracking.tracking_uri={uri}", "--set", f"tracking.experiment={EXP}"]
+    r = run_cli(*args, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "FAILED: 1 failure(s)" in r.stderr and "finetune bbbp/lardo seed 0: EncoderResolveError" in r.stderr
+    assert "no-such-encoder" in r.stderr
+    assert "scratch: " in r.stdout  # the other method finished and is in the grid's table
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXP).experiment_id])
+    status = {(x.data.tags.get("lardo.method"), x.data.tags.get("lardo.role")): x.info.status for x in runs}
+    assert status[("lardo", "parent")] == "FAILED" and status[("lardo", "seed")] == "FAILED"
+    assert status[("scratch", "parent")] == "FINISHED"
+
+    r = run_cli(*args, "--allow-partial", timeout=600)
+    assert r.returncode == 0 and "allow_partial" in r.stderr and "bbbp/lardo seed 0" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_pipeline_without_a_pretrained_encoder_exits_non_zero_and_says_why(tmp_path):
+    from tests.integration.conftest import run_cli
+
+    r = run_cli("pipeline", "--output", str(tmp_path / "out"), "--set", "pipeline.stages=[finetune,compare]",
+                *[a for kv in TINY for a in ("--set", kv)], "--set", "finetune.seeds=[0]",
+                "--set", "finetune.epochs=1", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "no pre-trained encoder at" in r.stderr and "finetune bbbp/lardo seed 0" in r.stderr
+    table = r.stdout[r.stdout.rindex("| Dataset"):]
+    assert "scratch" in table.splitlines()[0]  # scratch ran and compare still wrote its table
+
+
+def test_stages_that_read_upstream_refuse_input(tmp_path):
+    from tests.integration.conftest import run_cli
+
+    r = run_cli("featurize", "--input", "x.csv", "--output", str(tmp_path / "o"), timeout=120)
+    assert r.returncode == 2 and "featurize reads the embed" in r.stderr and "--with-upstream" in r.stderr
