@@ -173,11 +173,15 @@ def cmd_pretrain(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 def cmd_finetune(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from lardo_ray.stages.finetune import run_finetune, run_finetune_grid
 
-    if args.methods or args.datasets:
+    baselines = list(dict.fromkeys(cfg.finetune.baselines + (args.baselines or [])))
+    if args.methods or args.datasets or baselines:
+        from lardo_ray.stages.finetune import baseline_method
+
         methods = []
         for item in args.methods or [f"{cfg.finetune.method_label()}={cfg.finetune.encoder or 'scratch'}"]:
             label, _, enc = item.partition("=")
             methods.append((label, None if enc in ("", "scratch", "none") else enc))
+        methods += [baseline_method(kind) for kind in baselines]
         result = run_finetune_grid(cfg, methods, args.datasets)
     else:
         result = run_finetune(cfg)
@@ -192,6 +196,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="ablation grid: one fine-tune per method on the same splits, e.g. --method scratch= "
                    "--method lardo=outputs/x/pretrain/encoder (repeatable)")
     p.add_argument("--datasets", nargs="+", help="grid over several cards (finetune.data_path = their directory)")
+    p.add_argument("--baseline", dest="baselines", action="append", choices=["rf_dsm", "rf_ecfp"],
+                   help="add a classical baseline on the same splits and seeds (repeatable; finetune.baselines): "
+                   "rf_dsm = random forest on the dsm stage's RDKit descriptors, rf_ecfp = on ECFP4 fingerprints")
 
 
 def cmd_pipeline(args: argparse.Namespace, cfg: PipelineConfig) -> int:

@@ -103,6 +103,10 @@ class AblationConfig(Section):
         "llm_no_dsm: [describe.variant=no_dsm]}; each pre-trains into <output_dir>/<label>/",
     )
     scratch: bool = Field(default=True, description="add the random-init encoder ('scratch') to the grid")
+    baselines: list[Literal["rf_dsm", "rf_ecfp"]] = Field(
+        default_factory=lambda: ["rf_dsm", "rf_ecfp"],
+        description="classical baselines in the grid, on the same splits and seeds (lardo_ray.finetune.baselines)",
+    )
     chemprop: str | None = Field(
         default=None, description="the `chemprop` executable (e.g. .venv-chemprop/bin/chemprop from `make "
         "chemprop`): adds chemprop's D-MPNN, trained from scratch on the same splits and seeds, as a method",
@@ -117,7 +121,7 @@ class AblationConfig(Section):
     @classmethod
     def _labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         for label in v:
-            if label in ("scratch", "chemprop") or not label.replace("_", "").replace("-", "").isalnum():
+            if label in ("scratch", "chemprop", "rf_dsm", "rf_ecfp") or not label.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"variant label {label!r}: letters, digits, '_' or '-', and not 'scratch' or "
                                  "'chemprop' (the baselines' labels)")
         return v

@@ -86,6 +86,11 @@ class FinetuneConfig(Section):
         description="stop after this many epochs without a better validation score; None = run all epochs "
         "(MolCLR); either way the test score is taken at the best validation epoch",
     )
+    baselines: list[Literal["rf_dsm", "rf_ecfp"]] = Field(
+        default_factory=list, description="classical baselines fitted on the same splits and seeds beside the GNN "
+        "(rf_dsm: random forest on the dsm stage's RDKit descriptors; rf_ecfp: on ECFP4 2048-bit fingerprints); "
+        "--baseline on the command line"
+    )
     encoder: str | None = Field(
         default=None,
         description="pre-trained encoder: a local export directory, runs:/RUN_ID/encoder or "

@@ -49,7 +49,8 @@ class AblationResult:
         out = ["== ablation summary ==", f"  outputs     {self.output_dir}/<variant>/"]
         for label, enc in self.encoders.items():
             took = f"{self.seconds[label]:7.1f} s" if label in self.seconds else "        "
-            what = enc or ("D-MPNN from scratch (chemprop CLI)" if label == "chemprop" else "random init")
+            what = enc or {"chemprop": "D-MPNN from scratch (chemprop CLI)", "rf_dsm": "random forest, RDKit descriptors",
+                           "rf_ecfp": "random forest, ECFP4"}.get(label, "random init")
             if label in self.variant_errors:
                 what = f"FAILED: {self.variant_errors[label][:200]}"
             out.append(f"  {label:<16s} {took}  {what}")
@@ -78,7 +79,7 @@ def variant_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
 
 def run_ablation(cfg: PipelineConfig) -> AblationResult:
     from lardo_ray.stages.compare import compare
-    from lardo_ray.stages.finetune import run_finetune_grid
+    from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
     from lardo_ray.stages.pipeline import _run_stage, PipelineResult
 
     if not cfg.ablation.variants and not cfg.ablation.scratch:
@@ -120,6 +121,9 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
     if cfg.ablation.scratch:
         result.encoders["scratch"] = None
         methods.append(("scratch", None))
+    for kind in dict.fromkeys(cfg.ablation.baselines + cfg.finetune.baselines):
+        methods.append(baseline_method(kind))
+        result.encoders[kind] = None
     if show:
         print(f"\n=== fine-tune grid: {', '.join(m for m, _ in methods)} on {cfg.finetune.dataset} ===", flush=True)
     t0 = time.time()

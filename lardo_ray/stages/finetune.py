@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lardo_ray import fs
 from lardo_ray.config import ConfigError, PipelineConfig
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std, parent_summary
@@ -71,6 +73,7 @@ class FinetuneResult:
     seeds: list[SeedResult] = field(default_factory=list)  # finished seeds, sorted by seed
     failed: dict[int, str] = field(default_factory=dict)  # seed -> error text
     encoder: str | None = None  # finetune.encoder as given (None = random init)
+    baseline: str | None = None  # rf_dsm / rf_ecfp for a classical baseline (lardo_ray.finetune.baselines)
     encoder_run_id: str = ""
     encoder_sha256: str = ""
     architecture: str = ""
@@ -164,13 +167,17 @@ class FinetuneResult:
                        + (f"; {self.n_dropped} row(s) of the file left out" if self.n_dropped else ""))
         enc = f"{self.encoder} (MLflow run {self.encoder_run_id or 'unknown'}, sha256 {self.encoder_sha256[:12]})" \
             if self.encoder else "random init (no pre-training)"
-        out.append(f"  encoder        {enc}; {self.architecture}")
+        if self.baseline:
+            out.append(f"  model          {self.architecture}")
+        else:
+            out.append(f"  encoder        {enc}; {self.architecture}")
         for r in self.seeds:
             pretty = f"{r.test.value * 100:.1f} %" if self.metric == "roc_auc" else f"{r.test.value:.3f}"
             vpretty = f"{r.valid.value * 100:.1f} %" if self.metric == "roc_auc" else f"{r.valid.value:.3f}"
             stop = " early stop" if r.stopped_early else ""
-            out.append(f"  seed {r.seed:<9d} test {label} {pretty}  (valid {vpretty}, epoch {r.best_epoch}/"
-                       f"{r.epochs_run}{stop}, {r.timing.get('seed_seconds', 0):.1f} s)")
+            how = "fixed hyper-parameters" if self.baseline else f"epoch {r.best_epoch}/{r.epochs_run}{stop}"
+            out.append(f"  seed {r.seed:<9d} test {label} {pretty}  (valid {vpretty}, {how}, "
+                       f"{r.timing.get('seed_seconds', 0):.1f} s)")
         for seed, err in sorted(self.failed.items()):
             out.append(f"  seed {seed:<9d} FAILED: {err.strip().splitlines()[-1][:200] if err.strip() else err}")
         for k, ms in self.summary().items():
@@ -249,7 +256,24 @@ def _seed_task(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split: Sp
     return finetune_seed(cfg, seed, prepared=prepared, split=split, encoder=encoder, threads=threads)
 
 
+def _baseline_task(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split: Split, features: Any,
+                   threads: int) -> SeedResult:
+    from lardo_ray.finetune.baselines import baseline_seed
+
+    return baseline_seed(cfg, seed, prepared=prepared, split=split, features=features, threads=threads)
+
+
 _REMOTE = None
+_BASELINE_REMOTE = None
+
+
+def _baseline_remote():
+    global _BASELINE_REMOTE
+    if _BASELINE_REMOTE is None:
+        import ray
+
+        _BASELINE_REMOTE = ray.remote(_baseline_task)
+    return _BASELINE_REMOTE
 
 
 def _remote():
@@ -274,6 +298,7 @@ class _Group:
     dataset_key: str
     method: str
     encoder_spec: str | None
+    baseline: str | None = None  # rf_dsm / rf_ecfp: a classical model instead of the GNN
     splits: dict[int, Split] = field(default_factory=dict)
     results: dict[int, SeedResult] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
@@ -295,7 +320,11 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_") or "x"
 
 
-def _architecture(cfg: PipelineConfig, enc: EncoderSource | None) -> str:
+def _architecture(cfg: PipelineConfig, enc: EncoderSource | None, baseline: str | None = None) -> str:
+    if baseline:
+        from lardo_ray.finetune.baselines import BASELINES
+
+        return f"{BASELINES[baseline]}, one model per task on its labelled training rows"
     if enc is None:
         m = cfg.model
         c = {"num_layers": m.num_layers, "hidden": m.hidden, "pooling": m.pooling, "jk": m.jk}
@@ -448,6 +477,20 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         for s in g.cfg.finetune.seeds:
             g.splits[s] = split_for(p, g.cfg.finetune, s)
 
+    # classical baselines: their features once per (dataset, kind), shared by every seed
+    features: dict[tuple[str, str], Any] = {}
+    for g in groups:
+        if g.baseline and (g.dataset_key, g.baseline) not in features:
+            from lardo_ray.finetune.baselines import featurize
+
+            f = featurize(g.baseline, prepared[g.dataset_key].data.smiles, cfg.ingest.max_atoms)
+            features[(g.dataset_key, g.baseline)] = f
+            nan = int(np.isnan(f.X).sum())
+            _progress(cfg, f"{g.dataset_key}: {g.baseline} features {f.X.shape[1]:,} per molecule in {f.seconds:.1f} s"
+                           + (f"; {nan:,} NaN/inf values (replaced by the training median per seed)" if nan else "")
+                           + (f"; {f.n_not_standardised} molecule(s) not standardisable, featurised as parsed"
+                              if f.n_not_standardised else ""))
+
     results: list[FinetuneResult] = []
 
     def make_result(g: _Group) -> FinetuneResult:
@@ -458,9 +501,9 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         res = FinetuneResult(
             dataset=g.dataset_key, method=g.method, split=ft.split, split_sizes=list(ft.split_sizes),
             task_type=p.data.task_type, metric=ft.resolved_metric(), seeds=ok, failed=dict(g.failed),
-            encoder=g.encoder_spec, encoder_run_id=enc.run_id if enc else "",
+            encoder=g.encoder_spec, baseline=g.baseline, encoder_run_id=enc.run_id if enc else "",
             encoder_sha256=enc.sha256 if enc else (ok[0].encoder_sha256 if ok else ""),
-            architecture=_architecture(g.cfg, enc), n_molecules=len(p), n_tasks=p.data.n_tasks,
+            architecture=_architecture(g.cfg, enc, g.baseline), n_molecules=len(p), n_tasks=p.data.n_tasks,
             n_dropped=p.data.n_dropped + p.n_featurize_rejected, featurize_seconds=p.featurize_seconds,
             wall_seconds=time.perf_counter() - t0,
         )
@@ -511,6 +554,7 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
         data_refs = {k: ray.put(p) for k, p in prepared.items()}
         enc_refs = {k: (ray.put(v) if v is not None else None) for k, v in encoders.items()}
+        feat_refs = {k: ray.put(v) for k, v in features.items()}
         refs: dict[Any, tuple[_Group, int]] = {}
         for g in runnable:
             res = g.cfg.finetune.ray
@@ -519,10 +563,10 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                 opts["resources"] = dict(res.resources)
             if res.accelerator_type:
                 opts["accelerator_type"] = res.accelerator_type
-            task = _remote().options(**opts)
+            task = (_baseline_remote() if g.baseline else _remote()).options(**opts)
             for s in g.cfg.finetune.seeds:
-                ref = task.remote(g.cfg, s, data_refs[g.dataset_key], g.splits[s], enc_refs[g.encoder_spec],
-                                  _threads(res.num_cpus))
+                extra = feat_refs[(g.dataset_key, g.baseline)] if g.baseline else enc_refs[g.encoder_spec]
+                ref = task.remote(g.cfg, s, data_refs[g.dataset_key], g.splits[s], extra, _threads(res.num_cpus))
                 refs[ref] = (g, s)
         r0 = groups[0].cfg.finetune.ray
         _progress(cfg, f"{len(refs)} seed run(s) submitted as Ray tasks ({r0.num_cpus:g} CPU, {r0.num_gpus:g} GPU each)")
@@ -545,9 +589,14 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                     from lardo_ray.finetune.train import finetune_seed
 
                     try:
-                        r = finetune_seed(g.cfg, s, prepared=prepared[g.dataset_key], split=g.splits[s],
-                                          encoder=encoders[g.encoder_spec],
-                                          threads=_threads(g.cfg.finetune.ray.num_cpus))
+                        if g.baseline:
+                            r = _baseline_task(g.cfg, s, prepared[g.dataset_key], g.splits[s],
+                                               features[(g.dataset_key, g.baseline)],
+                                               _threads(g.cfg.finetune.ray.num_cpus))
+                        else:
+                            r = finetune_seed(g.cfg, s, prepared=prepared[g.dataset_key], split=g.splits[s],
+                                              encoder=encoders[g.encoder_spec],
+                                              threads=_threads(g.cfg.finetune.ray.num_cpus))
                     except Exception as e:  # noqa: BLE001 - same bookkeeping as a failed Ray task
                         done(g, s, None, f"{type(e).__name__}: {e}")
                     else:
@@ -563,8 +612,23 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
     return results
 
 
+BASELINE_PREFIX = "baseline:"  # a method whose "encoder" is baseline:<kind> is that classical baseline
+
+
+def baseline_method(kind: str) -> tuple[str, str]:
+    """The (label, spec) pair of a classical baseline for ``run_finetune_grid``'s methods."""
+    from lardo_ray.finetune.baselines import BASELINES
+
+    if kind not in BASELINES:
+        raise ConfigError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)} (finetune.baselines / --baseline)")
+    return kind, BASELINE_PREFIX + kind
+
+
 def _group(cfg: PipelineConfig, method: str | None = None, encoder: Any = "__cfg__",
            dataset: Any = "__cfg__") -> _Group:
+    baseline = None
+    if isinstance(encoder, str) and encoder.startswith(BASELINE_PREFIX):
+        baseline, encoder = encoder[len(BASELINE_PREFIX):], None
     update: dict[str, Any] = {}
     if dataset != "__cfg__":
         update["dataset"] = dataset
@@ -575,7 +639,7 @@ def _group(cfg: PipelineConfig, method: str | None = None, encoder: Any = "__cfg
     c = _with_finetune(cfg, **update) if update else cfg
     ft = c.finetune
     key = ft.dataset or os.path.basename(str(ft.data_path)).split(".")[0]
-    return _Group(cfg=c, dataset_key=key, method=ft.method_label(), encoder_spec=ft.encoder)
+    return _Group(cfg=c, dataset_key=key, method=ft.method_label(), encoder_spec=ft.encoder, baseline=baseline)
 
 
 def run_finetune(cfg: PipelineConfig, tracker: Tracker | None = None, *, use_ray: bool = True) -> FinetuneResult:

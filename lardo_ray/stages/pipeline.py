@@ -107,7 +107,7 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
 
         return run_pretrain(cfg)
     if stage == "finetune":
-        from lardo_ray.stages.finetune import run_finetune_grid
+        from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
 
         from lardo_ray import fs
         from lardo_ray.finetune.model import EncoderResolveError
@@ -121,6 +121,7 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
         methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name, encoder)]
         if cfg.pipeline.scratch_baseline:
             methods.append(("scratch", None))
+        methods += [baseline_method(kind) for kind in cfg.finetune.baselines]
         return run_finetune_grid(cfg, methods)
     if stage == "compare":
         from lardo_ray.stages.compare import resolved_compare_config

@@ -210,3 +210,28 @@ def test_stages_that_read_upstream_refuse_input(tmp_path):
 
     r = run_cli("featurize", "--input", "x.csv", "--output", str(tmp_path / "o"), timeout=120)
     assert r.returncode == 2 and "featurize reads the embed" in r.stderr and "--with-upstream" in r.stderr
+
+
+@pytest.mark.slow
+def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, store, tmp_path):
+    """rf_dsm / rf_ecfp beside a GNN in one grid (seeds as Ray tasks): the same split hash per seed, the same
+    per-seed CSV and MLflow parent/child runs, and compare tabulates them like any method."""
+    from lardo_ray.stages.finetune import baseline_method
+
+    uri, _ = store
+    cfg = _cfg(uri, tmp_path, "finetune.epochs=1")
+    grid = run_finetune_grid(cfg, [("scratch", None), baseline_method("rf_dsm"), baseline_method("rf_ecfp")])
+    assert grid.ok and grid.same_splits, grid.failures()
+    hashes = {r.method: [s.split_hash for s in r.seeds] for r in grid.results}
+    assert hashes["rf_dsm"] == hashes["rf_ecfp"] == hashes["scratch"] and len(hashes["scratch"]) == 2
+    for kind in ("rf_dsm", "rf_ecfp"):
+        res = grid.get(res_ds := grid.results[0].dataset, kind)
+        assert res.baseline == kind and 0.0 <= res.mean <= 1.0 and os.path.isfile(res.csv_path)  # 300 rows: no claim
+        assert os.path.basename(res.csv_path) == f"{res_ds}__{kind}__scaffold.csv"
+        assert "random forest" in "\n".join(res.lines())
+    _, runs = _runs(uri)
+    seeds = [r for r in runs if r.data.tags.get("lardo.role") == "seed" and r.data.tags["lardo.method"] == "rf_dsm"]
+    assert len(seeds) == 2 and all(r.info.status == "FINISHED" and "test_roc_auc" in r.data.metrics for r in seeds)
+    table = compare(CompareConfig(experiment=EXP, tracking_uri=uri, output_dir=str(tmp_path / "cmp"),
+                                  split="scaffold")).table
+    assert {"scratch", "rf_dsm", "rf_ecfp"} <= set(table["method"])
