@@ -242,5 +242,14 @@ class CompareConfig(Section):
         default=None, description="extra MLflow search filter, e.g. \"params.epochs = '100'\""
     )
     include_unfinished: bool = Field(default=False, description="also use runs that are not FINISHED")
+    bootstrap: int = Field(
+        default=1000, ge=0, description="paired bootstrap resamples of the test molecules for the interval of "
+        "(best pre-trained method - best baseline) per dataset; 0 = off"
+    )
+    baseline_methods: list[str] = Field(
+        default_factory=lambda: ["rf_dsm", "rf_ecfp", "chemprop", "scratch", "random-init"],
+        description="methods counted as baselines (no pre-training) in the bootstrap comparison; a method whose "
+        "runs name a pre-trained encoder is the other side",
+    )
     output_dir: str = Field(default="outputs/compare", description="where the CSV, Markdown and PNG are written")
     name: str = Field(default="comparison", description="file stem of the outputs (<name>.csv/.md/.png)")

@@ -73,6 +73,8 @@ TAG_METRIC = "lardo.metric"
 TAG_SEED = "lardo.seed"
 KIND_FINETUNE = "finetune"
 PARENT_TAG = "mlflow.parentRunId"
+TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given ("" = no pre-trained encoder)
+TAG_PREDICTIONS = "lardo.predictions"  # artifact name of a seed run's test predictions
 
 # Published ROC-AUC (%) on the deterministic scaffold split (80/10/10), mean over 3 runs. Shown only with
 # include_published=True, always marked as published (they are not re-run here).
@@ -134,7 +136,8 @@ class CompareResult:
     n_runs: int = 0  # MLflow runs the numbers come from
     splits: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    local_files: list[str] = field(default_factory=list)  # the same three files on this machine (for MLflow)
+    local_files: list[str] = field(default_factory=list)  # the same files on this machine (for MLflow)
+    bootstrap: list = field(default_factory=list)  # PairedBootstrap per dataset (lardo_ray.finetune.bootstrap)
 
 
 # ---------------------------------------------------------------- reading MLflow
@@ -552,22 +555,27 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
     footnotes += [f"Note: {n}" for n in notes]
     wide, md = _wide_and_markdown(table, title, footnotes)
 
+    boot = bootstrap_comparisons(children, table, cfg, uri, notes) if cfg.bootstrap and cfg.subset == "test" else []
+    if boot:
+        md += "\n\n" + bootstrap_markdown(boot, cfg.bootstrap)
     # Written in a local directory (matplotlib and MLflow need local files), then uploaded when
     # compare.output_dir is object storage; the local copies stay for the caller to log as artifacts.
     local = cfg.output_dir if not fs.is_remote(cfg.output_dir) else tempfile.mkdtemp(prefix="lardo-compare-")
     os.makedirs(local, exist_ok=True)
-    names = [f"{cfg.name}.csv", f"{cfg.name}.md", f"{cfg.name}.png"]
+    names = [f"{cfg.name}.csv", f"{cfg.name}.md", f"{cfg.name}.png"] + ([f"{cfg.name}_bootstrap.csv"] if boot else [])
     local_files = [os.path.join(local, n) for n in names]
     table.to_csv(local_files[0], index=False)
+    if boot:
+        pd.DataFrame([b.to_row() for b in boot]).to_csv(local_files[3], index=False)
     with open(local_files[1], "w", encoding="utf-8") as f:
         f.write(md)
     _plot(table, title, local_files[2])
     if fs.is_remote(cfg.output_dir):
         for path, name in zip(local_files, names):
             fs.upload(path, fs.join(cfg.output_dir, name))
-        csv_path, md_path, png_path = (fs.join(cfg.output_dir, n) for n in names)
+        csv_path, md_path, png_path = (fs.join(cfg.output_dir, n) for n in names[:3])
     else:
-        csv_path, md_path, png_path = local_files
+        csv_path, md_path, png_path = local_files[:3]
     n_runs = sum(len(r.split(";")) for r in table.loc[~table["published"], "run_ids"] if r)
     for n in notes:
         log.info("compare: %s", n)
@@ -575,7 +583,80 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
         print(md)
     return CompareResult(table=table, wide=wide, markdown=md, title=title, csv_path=csv_path,
                          markdown_path=md_path, png_path=png_path, n_runs=n_runs, splits=splits, notes=notes,
-                         local_files=local_files)
+                         local_files=local_files, bootstrap=boot)
+
+
+def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: list[str]) -> list:
+    """Per dataset: the best pre-trained method and the best baseline, each chosen on its mean validation
+    score (never on test), compared by a paired bootstrap of their seed-averaged test predictions."""
+    import mlflow
+    import pandas as pd
+
+    from lardo_ray.finetune.bootstrap import paired_bootstrap, seed_average
+
+    out = []
+    by_id = children.set_index("run_id") if len(children) else None
+    measured = table[~table["published"] & (table["source"] == "runs")] if len(table) else table
+    for ds, rows in measured.groupby("dataset", sort=False):
+        metric = str(rows["metric"].iloc[0])
+        vcol = f"metrics.valid_{metric}"
+
+        def side(want_pretrained: bool):
+            best = None
+            for _, r in rows.iterrows():
+                ids = [i for i in str(r["run_ids"]).split(";") if i and by_id is not None and i in by_id.index]
+                if not ids:
+                    continue
+                runs = by_id.loc[ids]
+                enc = runs.get(f"tags.{TAG_ENCODER}", pd.Series([""] * len(runs))).fillna("").astype(str)
+                pretrained = str(r["method"]) not in cfg.baseline_methods and bool((enc != "").any())
+                if pretrained != want_pretrained or vcol not in runs.columns:
+                    continue
+                v = runs[vcol].astype(float).mean()
+                if math.isnan(v):
+                    continue
+                if best is None or (v > best[0] if higher_is_better(metric) else v < best[0]):
+                    best = (v, str(r["method"]), runs)
+            return best
+
+        a, b = side(True), side(False)
+        if a is None or b is None:
+            if a is not None or b is not None:
+                notes.append(f"{ds}: no {'baseline' if a else 'pre-trained method'} to bootstrap against")
+            continue
+        try:
+            sides = []
+            for _, name, runs in (a, b):
+                tables = []
+                for rid, run in runs.iterrows():
+                    art = run.get(f"tags.{TAG_PREDICTIONS}")
+                    if not _present(art):
+                        raise ValueError(f"run {rid} of {name} logged no test predictions")
+                    with _tracking_uri(uri):
+                        local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=str(art),
+                                                                    tracking_uri=uri)
+                    tables.append(pd.read_parquet(local))
+                sides.append(seed_average(tables))
+            task_type = "classification" if metric == "roc_auc" else "regression"
+            out.append(paired_bootstrap(ds, task_type, metric, sides[0], sides[1], (a[1], b[1]), cfg.bootstrap))
+        except Exception as e:  # noqa: BLE001 - a missing artifact costs the interval, not the table
+            notes.append(f"{ds}: no bootstrap interval ({type(e).__name__}: {str(e)[:200]})")
+    return out
+
+
+def bootstrap_markdown(boot: list, n: int) -> str:
+    lines = [f"**Best pre-trained method vs best baseline** (each chosen on validation; paired bootstrap, {n:,} "
+             "resamples of the test molecules, predictions averaged over seeds; Δ > 0: pre-trained better; "
+             "a win or loss only when the 95 % interval excludes 0)", "",
+             "| Dataset | Metric | Pre-trained | Baseline | Δ | 95 % interval | Verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for b in boot:
+        scale, d = (100.0, 1) if b.metric == "roc_auc" else (1.0, 3)
+        lines.append(f"| {_dataset_display(b.dataset)} | {METRIC_LABELS.get(b.metric, b.metric)} | "
+                     f"{b.method_a} ({b.value_a * scale:.{d}f}) | {b.method_b} ({b.value_b * scale:.{d}f}) | "
+                     f"{b.diff * scale:+.{d}f} | [{b.low * scale:+.{d}f}, {b.high * scale:+.{d}f}] | "
+                     f"**{b.verdict}** |")
+    return "\n".join(lines)
 
 
 def resolved_compare_config(cfg: PipelineConfig) -> CompareConfig:

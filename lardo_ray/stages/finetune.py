@@ -35,7 +35,7 @@ from lardo_ray import fs
 from lardo_ray.config import ConfigError, PipelineConfig
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std, parent_summary
 from lardo_ray.finetune.splits import describe_split
-from lardo_ray.stages.compare import finetune_tags
+from lardo_ray.stages.compare import TAG_ENCODER, TAG_PREDICTIONS, finetune_tags
 
 if TYPE_CHECKING:
     from lardo_ray.finetune.model import EncoderSource
@@ -51,10 +51,24 @@ def last_line(err: str, limit: int = 300) -> str:
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else str(err))[:limit]
 
-TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given
 TAG_ENCODER_SHA = "lardo.encoder_sha256"  # fingerprint of the encoder tensors the runs started from
 TAG_SPLIT_HASH = "lardo.split_hash"  # fingerprint of the seed's train/valid/test indices
 TAG_FAILED_SEEDS = "lardo.failed_seeds"
+
+
+def write_predictions(path: str, prepared: PreparedTask, r: SeedResult) -> None:
+    """One seed's test predictions as Parquet: row (index in the labelled set), smiles, then y_<task> and
+    pred_<task> (probability / value in the original units) per task. Compare's bootstrap pairs methods by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    idx = np.asarray(r.test_index, dtype=np.int64)
+    data = prepared.data
+    cols: dict[str, Any] = {"row": idx, "smiles": [data.smiles[i] for i in idx]}
+    for t, name in enumerate(data.task_names):
+        cols[f"y_{name}"] = data.labels[idx, t].astype(np.float64)
+        cols[f"pred_{name}"] = np.asarray(r.test_pred, dtype=np.float64)[:, t]
+    pq.write_table(pa.table(cols), path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,6 +102,7 @@ class FinetuneResult:
     tracking_uri: str | None = None
     csv_path: str | None = None  # where the per-seed table was written (local path or URI)
     csv_local: str | None = None  # the same file on this machine
+    predictions_local: dict[int, str] = field(default_factory=dict)  # seed -> its test predictions (Parquet)
     not_logged: list[str] = field(default_factory=list)
 
     @property
@@ -403,6 +418,9 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                         tracker.log_params({**params, "seed": r.seed})
                         tracker.log_metrics(r.metrics())
                         _log_history(tracker, tracker.run_id, r.history)
+                        if r.seed in res.predictions_local:
+                            tracker.log_artifact(res.predictions_local[r.seed])
+                            tracker.set_tags({TAG_PREDICTIONS: os.path.basename(res.predictions_local[r.seed])})
                 tracker.run_id = parent_id
             for seed, err in sorted(res.failed.items()):
                 tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=seed, **base), **extra}
@@ -518,6 +536,18 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                 res.csv_path = res.csv_local if stage_dir else fs.upload(res.csv_local, fs.join(stage_uri, name))
             except (OSError, fs.StorageError) as e:
                 log.warning("finetune: could not write the results table: %s", e)
+            for r in ok:  # each seed's test predictions: what compare's paired bootstrap reads back
+                pname = f"{_safe_name(g.dataset_key)}__{_safe_name(g.method)}__{ft.split}__seed{r.seed}.parquet"
+                try:
+                    local = os.path.join(stage_dir or tempfile.mkdtemp(prefix="lardo-ft-"), "predictions")
+                    os.makedirs(local, exist_ok=True)
+                    path = os.path.join(local, pname)
+                    write_predictions(path, p, r)
+                    res.predictions_local[r.seed] = path
+                    if not stage_dir:
+                        fs.upload(path, fs.join(stage_uri, "predictions", pname))
+                except (OSError, fs.StorageError) as e:
+                    log.warning("finetune: could not write the test predictions of seed %d: %s", r.seed, e)
         try:
             _log_group(tracker, g, res, enc, p)
         except Exception as e:  # noqa: BLE001 - a tracking server gone mid-run must not lose the other seeds

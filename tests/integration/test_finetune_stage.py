@@ -218,9 +218,10 @@ def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, s
     per-seed CSV and MLflow parent/child runs, and compare tabulates them like any method."""
     from lardo_ray.stages.finetune import baseline_method
 
-    uri, _ = store
+    uri, enc_run = store
     cfg = _cfg(uri, tmp_path, "finetune.epochs=1")
-    grid = run_finetune_grid(cfg, [("scratch", None), baseline_method("rf_dsm"), baseline_method("rf_ecfp")])
+    grid = run_finetune_grid(cfg, [("lardo", f"runs:/{enc_run}/encoder"), ("scratch", None),
+                                   baseline_method("rf_dsm"), baseline_method("rf_ecfp")])
     assert grid.ok and grid.same_splits, grid.failures()
     hashes = {r.method: [s.split_hash for s in r.seeds] for r in grid.results}
     assert hashes["rf_dsm"] == hashes["rf_ecfp"] == hashes["scratch"] and len(hashes["scratch"]) == 2
@@ -232,6 +233,13 @@ def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, s
     _, runs = _runs(uri)
     seeds = [r for r in runs if r.data.tags.get("lardo.role") == "seed" and r.data.tags["lardo.method"] == "rf_dsm"]
     assert len(seeds) == 2 and all(r.info.status == "FINISHED" and "test_roc_auc" in r.data.metrics for r in seeds)
-    table = compare(CompareConfig(experiment=EXP, tracking_uri=uri, output_dir=str(tmp_path / "cmp"),
-                                  split="scaffold")).table
-    assert {"scratch", "rf_dsm", "rf_ecfp"} <= set(table["method"])
+    res = compare(CompareConfig(experiment=EXP, tracking_uri=uri, output_dir=str(tmp_path / "cmp"),
+                                split="scaffold", bootstrap=200))
+    assert {"lardo", "scratch", "rf_dsm", "rf_ecfp"} <= set(res.table["method"])
+    # the bootstrap reads each seed's logged test predictions back from MLflow
+    (b,) = res.bootstrap
+    assert b.method_a == "lardo" and b.method_b in ("scratch", "rf_dsm", "rf_ecfp") and b.n_resamples > 150
+    assert b.low <= b.diff <= b.high and b.verdict in ("win", "tie", "loss")
+    lardo = grid.get(b.dataset, "lardo")
+    assert b.n_test == lardo.seeds[0].n_test and "95 % interval" in res.markdown
+    assert os.path.isfile(tmp_path / "cmp" / "comparison_bootstrap.csv")
