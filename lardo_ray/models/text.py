@@ -144,6 +144,10 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        # Texts the tokenizer cuts at max_length lose their end: counted, so the stage can say so.
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        self.last_truncated = sum(n > self.max_length for n in lengths)
+        self.last_longest = max(lengths, default=0)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]

@@ -8,6 +8,7 @@ descriptions in a shard share one forward pass, keyed by their hash) and trainin
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pyarrow as pa
 
@@ -17,6 +18,8 @@ from lardo_ray.stages.common import ShardWorker, StageSummary, run_derived_stage
 
 STAGE = "embed"
 CARRIED = [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEMPLATE_ID]
+log = logging.getLogger("lardo_ray")
+
 DESCRIPTION_HASH = "description_hash"
 
 
@@ -41,6 +44,12 @@ class EmbedCore:
                 first[h] = i
         unique = table.take(pa.array(sorted(first.values()), pa.int64()))
         vectors = self.embedder(unique).column(schema.TEXT_EMBEDDING).to_pylist()
+        enc = self.embedder.encoder
+        cut = getattr(enc, "last_truncated", 0)
+        if cut:
+            log.warning("embed: %d of %d distinct descriptions are longer than %d tokens and were truncated "
+                        "(longest %d): raise embed.max_length (the encoder takes up to %d)", cut, unique.num_rows,
+                        enc.max_length, enc.last_longest, getattr(enc.tokenizer, "model_max_length", enc.max_length))
         by_hash = dict(zip([hashes[i] for i in sorted(first.values())], vectors))
         emb_type = pa.list_(pa.float32())
         col = pa.array([by_hash.get(h) if h is not None else None for h in hashes], emb_type)

@@ -92,3 +92,21 @@ def test_trainable_layers(embedder):
     finally:
         enc.set_trainable(0)
     assert enc.frozen
+
+
+def test_truncated_descriptions_are_counted_and_reported(embedder, caplog):
+    """A description longer than embed.max_length loses its end: the embed stage says how many."""
+    import logging
+
+    from lardo_ray.config import load_config
+    from lardo_ray.stages.embed import EmbedCore
+
+    long = "LogP 2.1; molecular weight 300 g/mol; " * 20
+    enc = TextEncoder(max_length=16)
+    enc.encode([long, "short text", long + "x"])
+    assert enc.last_truncated == 2 and enc.last_longest > 16
+    core = EmbedCore(load_config(None, ["embed.max_length=16"]))
+    table = pa.table({schema.MOL_ID: ["a", "b"], schema.DESCRIPTION: [long, "short"]})
+    with caplog.at_level(logging.WARNING, logger="lardo_ray"):
+        core(table)
+    assert any("1 of 2 distinct descriptions are longer than 16 tokens" in r.message for r in caplog.records)
