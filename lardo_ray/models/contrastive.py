@@ -69,46 +69,73 @@ def contrastive_logits(graph_emb: torch.Tensor, text_emb: torch.Tensor, scale: t
     return scale * graph_emb @ text_emb.t()
 
 
-def info_nce(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def positives(keys: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """(n, n) bool: j is a right answer for query i. Rows with the same text key (the same description of
+    different molecules: stereo- and positional isomers share their 2D descriptors) are each other's
+    positives, never negatives; without keys only the diagonal."""
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    if keys is None:
+        return eye
+    keys = keys.to(device)
+    return eye | (keys[:, None] == keys[None, :])
+
+
+def info_nce(logits: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE on square logits with matches on the diagonal.
 
+    ``keys`` (one int per row, e.g. a hash of the text) makes it multi-positive: for query i the target is
+    every j with the same key, -log(sum_{j in P(i)} e^{l_ij} / sum_j e^{l_ij}), so two molecules with one
+    description do not push each other away. Without keys (or all distinct) it is the usual cross-entropy.
     Returns (loss, loss_graph_to_text, loss_text_to_graph); loss is their mean.
     """
     if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
         raise ValueError(f"expected square logits, got {tuple(logits.shape)}")
-    target = torch.arange(logits.shape[0], device=logits.device)
     logits = logits.float()
-    g2t = F.cross_entropy(logits, target)
-    t2g = F.cross_entropy(logits.t(), target)
+    pos = positives(keys, logits.shape[0], logits.device)
+    if bool(pos.sum() == logits.shape[0]):  # no shared text: plain InfoNCE (the common, cheaper case)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        g2t = F.cross_entropy(logits, target)
+        t2g = F.cross_entropy(logits.t(), target)
+        return (g2t + t2g) / 2, g2t, t2g
+    neg_inf = torch.finfo(logits.dtype).min
+
+    def one_side(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return (torch.logsumexp(lg, dim=1) - torch.logsumexp(lg.masked_fill(~p, neg_inf), dim=1)).mean()
+
+    g2t, t2g = one_side(logits, pos), one_side(logits.t(), pos.t())
     return (g2t + t2g) / 2, g2t, t2g
 
 
-def info_nce_loss(graph_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+def info_nce_loss(graph_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
+                  keys: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE loss of a batch of matching (graph, text) embedding pairs."""
-    return info_nce(contrastive_logits(graph_emb, text_emb, scale))[0]
+    return info_nce(contrastive_logits(graph_emb, text_emb, scale), keys)[0]
 
 
-def match_ranks(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def match_ranks(logits: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based rank of the true match per query, graph->text (rows) and text->graph (columns).
 
-    Ties count against the query (rank = number of other candidates scoring >= the match), so a collapsed
-    model whose logits are all equal gets rank B-1, not 0.
+    Ties count against the query (rank = number of wrong candidates scoring >= the match), so a collapsed
+    model whose logits are all equal gets the worst rank, not 0. A candidate with the query's own text key
+    is a right answer, not a wrong one: an identical description ranks as a tie it cannot lose.
     """
     diag = logits.diagonal()
-    g2t = (logits >= diag[:, None]).sum(dim=1) - 1
-    t2g = (logits >= diag[None, :]).sum(dim=0) - 1
+    wrong = ~positives(keys, logits.shape[0], logits.device)
+    g2t = ((logits >= diag[:, None]) & wrong).sum(dim=1)
+    t2g = ((logits >= diag[None, :]) & wrong).sum(dim=0)
     return g2t, t2g
 
 
 @torch.no_grad()
-def retrieval_accuracy(logits: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def retrieval_accuracy(logits: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                       keys: torch.Tensor | None = None) -> dict[str, float]:
     """Top-k retrieval accuracy in both directions over square logits (candidates = the other rows).
 
     Keys: ``g2t_top{k}``, ``t2g_top{k}`` and their mean ``top{k}``; values in [0, 1].
     """
     if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
         raise ValueError(f"expected square logits, got {tuple(logits.shape)}")
-    g2t, t2g = match_ranks(logits.float())
+    g2t, t2g = match_ranks(logits.float(), keys)
     out: dict[str, float] = {}
     for k in ks:
         a = float((g2t < k).float().mean())

@@ -105,10 +105,20 @@ class Inputs:
     graphs: Any  # torch_geometric Batch
     text: torch.Tensor | dict[str, torch.Tensor]
     num_rows: int
+    text_keys: torch.Tensor | None = None  # int64 per row, equal for equal descriptions (multi-positive InfoNCE)
 
     def to(self, device: torch.device | str) -> Inputs:
         text = {k: v.to(device) for k, v in self.text.items()} if isinstance(self.text, dict) else self.text.to(device)
-        return Inputs(self.graphs.to(device), text, self.num_rows)
+        keys = self.text_keys.to(device) if self.text_keys is not None else None
+        return Inputs(self.graphs.to(device), text, self.num_rows, keys)
+
+
+def text_keys(items: Iterable[bytes]) -> torch.Tensor:
+    """A stable 63-bit key per text (or per embedding's bytes): equal texts, equal keys, on every rank."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") >> 1 for b in items],
+                        dtype=torch.int64)
 
 
 def collate(batch: Any, text_mode: Literal["embedding", "tokens"] = "embedding",
@@ -132,12 +142,17 @@ def collate(batch: Any, text_mode: Literal["embedding", "tokens"] = "embedding",
         return None
     graphs = graphs_to_pyg_batch(table)
     if text_mode == "embedding":
-        text: Any = torch.from_numpy(embeddings_from_arrow(table.column(schema.TEXT_EMBEDDING)))
+        emb = embeddings_from_arrow(table.column(schema.TEXT_EMBEDDING))
+        text: Any = torch.from_numpy(emb)
+        # the embed stage gives one vector per distinct description: equal vectors = the same text
+        keys = text_keys(row.tobytes() for row in emb)
     else:
         if tokenizer is None:
             raise ValueError("token mode needs a tokenizer (model.text_encoder.tokenize)")
-        text = tokenizer(table.column(schema.DESCRIPTION).to_pylist())
-    return Inputs(graphs, text, table.num_rows)
+        descriptions = table.column(schema.DESCRIPTION).to_pylist()
+        text = tokenizer(descriptions)
+        keys = text_keys(d.encode() for d in descriptions)
+    return Inputs(graphs, text, table.num_rows, keys)
 
 
 def iter_table_batches(table: pa.Table, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -339,7 +354,7 @@ class Trainer:
         with self._autocast():
             g, t, scale = self.model(inputs.graphs, inputs.text)
             logits = contrastive_logits(g.float(), t.float(), scale.float())
-            loss, l_g2t, l_t2g = info_nce(logits)
+            loss, l_g2t, l_t2g = info_nce(logits, inputs.text_keys)
         if self.use_deepspeed:
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
@@ -359,7 +374,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
         self.rows_seen += inputs.num_rows
-        acc = retrieval_accuracy(logits.detach())
+        acc = retrieval_accuracy(logits.detach(), keys=inputs.text_keys)
         return {"loss": float(loss.detach()), "loss_g2t": float(l_g2t.detach()), "loss_t2g": float(l_t2g.detach()),
                 "top1": acc["top1"], "top5": acc["top5"], "batch_rows": float(inputs.num_rows),
                 "stepped": float(stepped)}
@@ -372,9 +387,10 @@ class Trainer:
     @torch.no_grad()
     def embed(self, batches: Iterable[Any],
               max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """Graph and text embeddings (projected, normalised) of up to max_rows rows, and per-batch losses."""
+        """Graph and text embeddings (projected, normalised) of up to max_rows rows, and per-batch losses.
+        The rows' text keys are kept in ``self.last_text_keys`` (for retrieval over the pool)."""
         self.model.eval()
-        gs, ts, losses, n = [], [], [], 0
+        gs, ts, ks, losses, n = [], [], [], [], 0
         for batch in batches:
             inputs = self.collate(batch)
             if inputs is None:
@@ -382,17 +398,20 @@ class Trainer:
             with self._autocast():
                 g, t, scale = self.model(inputs.graphs, inputs.text)
             g, t = g.float(), t.float()
-            losses.append(float(info_nce(contrastive_logits(g, t, scale.float()))[0]))
+            losses.append(float(info_nce(contrastive_logits(g, t, scale.float()), inputs.text_keys)[0]))
             gs.append(g)
             ts.append(t)
+            ks.append(inputs.text_keys.cpu() if inputs.text_keys is not None else torch.arange(n, n + len(g)) - (1 << 62))
             n += inputs.num_rows
             if max_rows is not None and n >= max_rows:
                 break
         if not gs:
+            self.last_text_keys = torch.empty(0, dtype=torch.int64)
             return torch.empty(0), torch.empty(0), []
-        G, T = torch.cat(gs), torch.cat(ts)
+        G, T, K = torch.cat(gs), torch.cat(ts), torch.cat(ks)
         if max_rows is not None:
-            G, T = G[:max_rows], T[:max_rows]
+            G, T, K = G[:max_rows], T[:max_rows], K[:max_rows]
+        self.last_text_keys = K
         return G, T, losses
 
     def evaluate(self, batches: Iterable[Any], max_rows: int | None = None) -> dict[str, float]:
@@ -411,7 +430,7 @@ class Trainer:
         if pool:
             with torch.no_grad():
                 scale = float(self.module.logit_scale())
-            acc = retrieval_accuracy(contrastive_logits(G, T, scale))
+            acc = retrieval_accuracy(contrastive_logits(G, T, scale), keys=self.last_text_keys.to(G.device))
             metrics.update({f"eval_{k}": acc[k] for k in keys})
             metrics.update(eval_loss=float(np.mean(losses)), eval_chance_top1=1.0 / pool)
         return self._pool_weighted_mean(metrics, pool)

@@ -127,3 +127,51 @@ def test_projection_head():
     assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
     assert isinstance(ProjectionHead(12, 4, num_layers=1).net, torch.nn.Linear)
     assert ProjectionHead(12, 4, hidden=7).net[0].out_features == 7
+
+
+def test_rows_with_the_same_text_are_positives_never_negatives():
+    """Two molecules with one description (isomers): their texts are each other's right answers."""
+    import torch
+
+    from lardo_ray.models.contrastive import info_nce, match_ranks, retrieval_accuracy
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4)
+    keys = torch.tensor([7, 7, 1, 2])  # rows 0 and 1 share a text
+    plain, _, _ = info_nce(logits)
+    multi, g2t, _ = info_nce(logits, keys)
+    # by hand: -log(sum over positives / sum over all), rows and columns
+    pos = keys[:, None] == keys[None, :]
+    by_hand = lambda lg, p: (torch.logsumexp(lg, 1) - torch.logsumexp(lg.masked_fill(~p, -1e30), 1)).mean()  # noqa: E731
+    assert torch.allclose(g2t, by_hand(logits, pos)) and torch.allclose(multi, (by_hand(logits, pos) + by_hand(logits.t(), pos)) / 2)
+    # raising the twin's logit lowers the multi-positive loss; plain InfoNCE would push the twins apart
+    bumped = logits.clone()
+    bumped[0, 1] += 2.0
+    assert info_nce(bumped, keys)[0] < multi and info_nce(bumped)[0] > plain
+    # distinct keys = plain InfoNCE
+    assert torch.allclose(info_nce(logits, torch.tensor([1, 2, 3, 4]))[0], plain)
+    # identical texts give identical logits: the tie with the twin does not count against the query
+    tied = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    g2t_plain, _ = match_ranks(tied)
+    g2t_keys, _ = match_ranks(tied, torch.tensor([3, 3, 4]))
+    assert g2t_plain.tolist() == [1, 1, 0] and g2t_keys.tolist() == [0, 0, 0]
+    assert retrieval_accuracy(tied, ks=(1,), keys=torch.tensor([3, 3, 4]))["top1"] == 1.0
+
+
+def test_collate_gives_equal_keys_to_equal_descriptions():
+    import numpy as np
+    import pyarrow as pa
+
+    from lardo_ray import schema
+    from lardo_ray.chem.graph import GraphFeaturizer
+    from lardo_ray.models.text import embeddings_to_arrow
+    from lardo_ray.train.loop import collate
+
+    smiles = ["CCO", "OCC", "c1ccccc1", "CC(=O)O"]
+    emb = np.array([[1, 0], [1, 0], [0, 1], [0.5, 0.5]], np.float32)  # rows 0, 1: one description
+    table = pa.table({schema.MOL_ID: ["a", "b", "c", "d"], schema.CANONICAL_SMILES: smiles,
+                      schema.TEXT_EMBEDDING: embeddings_to_arrow(emb)})
+    graphs, _ = GraphFeaturizer()(table)
+    inputs = collate(graphs, "embedding")
+    k = inputs.text_keys.tolist()
+    assert k[0] == k[1] and len(set(k)) == 3
