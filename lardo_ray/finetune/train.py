@@ -70,10 +70,28 @@ class PreparedTask:
         return len(self.data)
 
 
+def standardised_smiles(smiles: list[str], name: str = "") -> list[str]:
+    """The dsm stage's canonical SMILES of each molecule (same ``Standardiser`` defaults); a molecule it
+    refuses keeps its own SMILES, and how many did is logged."""
+    from lardo_ray.chem.standardise import Standardiser
+
+    std = Standardiser(max_atoms=10_000)
+    out, kept = [], 0
+    for s in smiles:
+        c = std(s).canonical
+        kept += c is None
+        out.append(c or s)
+    if kept:
+        log.warning("finetune: %d molecule(s) of %s could not be standardised and are featurised as written",
+                    kept, name or "the data set")
+    return out
+
+
 def _smiles_key(smiles: list[str]) -> str:
     from lardo_ray.chem.graph import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 
-    h = hashlib.sha256(f"ogb:{ATOM_FEATURE_DIMS}:{BOND_FEATURE_DIMS}\n".encode())
+    # "std": graphs of the standardised molecules (a cache of raw-SMILES graphs must not be reused)
+    h = hashlib.sha256(f"ogb:{ATOM_FEATURE_DIMS}:{BOND_FEATURE_DIMS}:std\n".encode())
     for s in smiles:
         h.update(s.encode())
         h.update(b"\n")
@@ -129,7 +147,10 @@ def prepare_task(ft: FinetuneConfig, cache_dir: str | os.PathLike | None = None,
             graphs = None
     n_rej = 0
     if graphs is None:
-        graphs, rejected = featurize_smiles(data.smiles)
+        # Graphs of the standardised parent molecule (largest fragment, neutralised), as the dsm stage gives
+        # pre-training: a salt or a charged form is the same molecule the encoder was pre-trained on. The raw
+        # SMILES still define the scaffold split (as MolCLR).
+        graphs, rejected = featurize_smiles(standardised_smiles(data.smiles, data.name))
         n_rej = rejected.num_rows
         if n_rej:
             keep = np.asarray([int(i) for i in graphs.column("mol_id").to_pylist()], dtype=np.int64)

@@ -233,3 +233,24 @@ def test_multitask_with_missing_labels_and_early_stopping():
     assert r.stopped_early and r.epochs_run - r.best_epoch == 2 and r.epochs_run < 40
     m = r.metrics()
     assert any(k.startswith("test_roc_auc/") for k in m) and m["test_n_tasks_scored"] == r.test.n_scored
+
+
+def test_fine_tune_graphs_are_the_pretraining_graphs_of_the_standardised_molecule(tmp_path):
+    """A salt / charged SMILES is fine-tuned as the molecule the dsm -> featurize path pre-trains on."""
+    from lardo_ray.chem.graph import featurize_smiles
+    from lardo_ray.chem.standardise import Standardiser
+
+    raw = ["[Na+].[O-]C(=O)c1ccccc1", "C[NH+](C)CCc1ccccc1.[Cl-]", "CCO"]
+    p = tmp_path / "salts.csv"
+    p.write_text("smiles,y\n" + "\n".join(f"{s},{i % 2}" for i, s in enumerate(raw)) + "\n")
+    cfg = load_config(None, [f"finetune.data_path={p}", "finetune.dataset=null", "finetune.smiles_column=smiles",
+                             "finetune.label_columns=[y]", "finetune.task_type=classification",
+                             "finetune.split=random"])
+    prepared = prepare_task(cfg.finetune)
+    canonical = [Standardiser()(s).canonical for s in raw]  # what the dsm stage writes
+    pretrain_graphs, _ = featurize_smiles(canonical)
+    for col in ("x", "edge_index", "edge_attr", "num_nodes"):
+        assert prepared.graphs.column(col).to_pylist() == pretrain_graphs.column(col).to_pylist(), col
+    raw_graphs, _ = featurize_smiles(raw)
+    assert prepared.graphs.column("num_nodes").to_pylist() != raw_graphs.column("num_nodes").to_pylist()
+    assert prepared.data.smiles == raw  # the split still sees the file's SMILES
