@@ -170,7 +170,14 @@ def test_killed_job_resumes_without_duplicates(tmp_path):
     assert a.column("mol_id").to_pylist() == b.column("mol_id").to_pylist()
     assert len(set(a.column("mol_id").to_pylist())) == a.num_rows == 401  # 400 + CCO once
     assert a.drop_columns(["dsm_error"]).equals(b.drop_columns(["dsm_error"]))
-    assert not list((out / "dsm" / "data").glob("*.tmp-*")) or True  # leftovers are ignored, never read as data
+    # A kill mid-write may leave a *.tmp-* file behind: the stage reads shards by the manifest's chunk ids,
+    # never by listing, so such a leftover is never data.
+    from lardo_ray.io import StageOutput
+
+    so = StageOutput(str(out / "dsm"))
+    listed = set(so.data_files(so.read_manifest()["chunks"]))
+    assert listed == {str(p) for p in (out / "dsm" / "data").glob("part-*.parquet")}
+    assert not any(".tmp-" in f for f in listed)
     ra = pq.read_table(str(out / "dsm" / "rejected"))
     assert sorted(ra.column("reason").to_pylist()) == ["duplicate", "unparsable_smiles"]
 
