@@ -89,9 +89,11 @@ def test_pipeline_on_s3_finetunes_the_pretrained_encoder_beside_scratch(s3, s3_p
     assert {"run1/compare/comparison.csv", "run1/compare/comparison.md", "run1/compare/comparison.png"} <= keys
     assert any(k.startswith("run1/finetune/") and k.endswith(".csv") for k in keys)
     # Both methods were fine-tuned: the pre-trained encoder is found in S3, not skipped.
-    table = r.stdout[r.stdout.rindex("| Dataset"):]
+    table = r.stdout[r.stdout.index("| Dataset"):]
     header = table.splitlines()[0]
     assert "lardo" in header and "scratch" in header, table
+    # and the paired bootstrap of lardo against the baseline, read back from the runs' artifacts in the bucket
+    assert "95 % interval" in r.stdout and "run1/compare/comparison_bootstrap.csv" in keys
     fs = s3fs_of(s3)
     with fs.open_input_stream(f"{BUCKET}/run1/compare/comparison.csv") as f:
         csv = f.read().decode()
