@@ -560,8 +560,9 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         if r is not None:
             g.results[seed] = r
             label = METRIC_LABELS.get(r.metric, r.metric)
+            how = "fixed hyper-parameters" if g.baseline else f"best epoch {r.best_epoch}/{r.epochs_run}"
             _progress(cfg, f"{g.dataset_key}/{g.method} seed {seed}: test {label} {r.test.value:.4f} "
-                           f"(best epoch {r.best_epoch}/{r.epochs_run}, {r.timing.get('seed_seconds', 0):.1f} s)")
+                           f"({how}, {r.timing.get('seed_seconds', 0):.1f} s)")
         else:
             g.failed[seed] = err or "failed"
             _progress(cfg, f"{g.dataset_key}/{g.method} seed {seed}: FAILED {str(err).strip()[-300:]}")
