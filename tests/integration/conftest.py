@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +20,32 @@ def ray_local():
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_cluster(head_cpus: float, n_workers: int, **worker_args):
+    """A real multi-node Ray cluster on this host (``ray.cluster_utils.Cluster``), the driver attached to it.
+
+    Yields (cluster, worker node handles). All nodes share one host, and the driver now and then attaches to a
+    worker node's raylet instead of the head's; killing that node would kill the driver's own node (and what
+    is pinned there: Ray Data's stats actor, Ray Train's controller), the head-loss fault, not a worker loss.
+    So the worker the driver is NOT on comes first: tests kill ``workers[0]``."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    workers = [cluster.add_node(**worker_args) for _ in range(n_workers)]  # keep the handles: worker_nodes is a set
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    driver_node = ray.get_runtime_context().get_node_id()
+    workers.sort(key=lambda w: w.node_id == driver_node)
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ from lardo_ray.config import ConfigError, load_config
 from lardo_ray.stages.describe import run_describe
 from lardo_ray.stages.ingest_dsm import run_dsm
 from tests.conftest import SAMPLE
+from tests.integration.conftest import local_cluster
 
 
 def _input(tmp_path, n=240):
@@ -34,23 +35,8 @@ def _free_port() -> int:
 @pytest.fixture()
 def three_node_cluster():
     """A head without CPUs (only the driver's bookkeeping) and two 1-CPU worker nodes."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    # All these nodes share one host, and the driver now and then attaches to a worker node's raylet instead
-    # of the head's; killing that node would kill the driver's own node (and Ray Data's stats actor, pinned
-    # there), which is the head-loss fault, not this one. The node to kill comes first.
-    driver_node = ray.get_runtime_context().get_node_id()
-    workers.sort(key=lambda w: w.node_id == driver_node)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(0, 2, num_cpus=1) as (cluster, workers):
+        yield cluster, workers
 
 
 def _kill_after_first_marker(cluster, node, done_dir, killed: dict):

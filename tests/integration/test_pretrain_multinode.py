@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import local_cluster
 from tests.integration.test_pretrain import (  # noqa: F401 - `featurized` is a fixture
     _cfg, _expected_steps, _history, _mlflow_client, _out_dir, featurized)
 
@@ -19,24 +20,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def two_worker_nodes():
-    """A head with one CPU (the driver, Ray Data's reads) and two worker nodes, each with one training slot."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    # Two logical CPUs per node: a worker (0.75) and the Ray Data tasks that feed it, also while the
-    # previous attempt's data tasks wind down after a node loss.
-    workers = [cluster.add_node(num_cpus=2, resources={"train_slot": 1}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    # The driver (and Ray Train's controller, pinned to the driver's node) must not be on the node killed.
-    driver_node = ray.get_runtime_context().get_node_id()
-    workers.sort(key=lambda w: w.node_id == driver_node)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    """A head with one CPU (the driver, Ray Data's reads) and two worker nodes, each with one training slot.
+    Two logical CPUs per node: a worker (0.75) and the Ray Data tasks that feed it, also while the previous
+    attempt's data tasks wind down after a node loss."""
+    with local_cluster(1, 2, num_cpus=2, resources={"train_slot": 1}) as (cluster, workers):
+        yield cluster, workers
 
 
 def _run(fn, *args):
@@ -46,9 +34,16 @@ def _run(fn, *args):
         return e
 
 
-def _checkpoints(storage: Path) -> list[Path]:
-    """Ray Train checkpoints the loop reported (``step_<N>`` directories of the run)."""
-    return sorted(p for p in storage.glob("*/step_*") if p.is_dir()) if storage.exists() else []
+def _checkpoints(storage: Path) -> list[str]:
+    """Checkpoints Ray Train has registered (its snapshot), not merely a step_* directory still uploading:
+    a node killed before the registration restarts training from step 0."""
+    import json
+
+    snaps = list(storage.glob("*/checkpoint_manager_snapshot.json")) if storage.exists() else []
+    try:
+        return [c["checkpoint_dir_name"] for s in snaps for c in json.loads(s.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []  # being written
 
 
 def test_two_nodes_zero2_survive_a_node_kill_and_the_encoder_fine_tunes(two_worker_nodes, featurized, tmp_path):
