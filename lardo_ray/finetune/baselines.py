@@ -6,7 +6,8 @@
   ``rdFingerprintGenerator``), of the same standardised molecules.
 
 One forest per task, trained on that task's labelled training rows (as MolCLR and chemprop's RF baselines).
-Hyper-parameters are fixed, not tuned (nothing is chosen on the test split): 500 trees, scikit-learn's
+Hyper-parameters are fixed, not tuned (nothing is chosen on the test split): 500 trees
+(``finetune.baseline_trees``), scikit-learn's
 defaults otherwise (classification: ``max_features="sqrt"``, ``class_weight="balanced"``; regression:
 ``max_features=1.0``), ``random_state`` = the seed. Descriptor values that are NaN or infinite (a
 calculator that failed, a division by zero) are replaced by the training rows' median of that descriptor
@@ -32,8 +33,8 @@ from lardo_ray.finetune.splits import Split
 log = logging.getLogger("lardo_ray")
 
 BASELINES = {
-    "rf_dsm": "random forest on the dsm stage's RDKit descriptors (500 trees)",
-    "rf_ecfp": "random forest on Morgan radius-2 2048-bit fingerprints (ECFP4, 500 trees)",
+    "rf_dsm": "random forest on the dsm stage's RDKit descriptors",
+    "rf_ecfp": "random forest on Morgan radius-2 2048-bit fingerprints (ECFP4)",
 }
 N_TREES = 500
 ECFP_RADIUS, ECFP_BITS = 2, 2048
@@ -108,7 +109,7 @@ def impute(X: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _fit_predict(task_type: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, parts: list[np.ndarray],
-                 seed: int, threads: int) -> list[np.ndarray]:
+                 seed: int, threads: int, n_trees: int = N_TREES) -> list[np.ndarray]:
     """One forest per task on its labelled training rows; predictions (probabilities / values) for ``parts``."""
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
@@ -125,7 +126,7 @@ def _fit_predict(task_type: str, X: np.ndarray, y: np.ndarray, train: np.ndarray
                 for out in preds:
                     out[:, t] = float(yt[0])
                 continue
-            model = RandomForestClassifier(n_estimators=N_TREES, class_weight="balanced", n_jobs=threads,
+            model = RandomForestClassifier(n_estimators=n_trees, class_weight="balanced", n_jobs=threads,
                                            random_state=seed)
             model.fit(X[rows], yt.astype(int))
             pos = list(model.classes_).index(1)
@@ -133,7 +134,7 @@ def _fit_predict(task_type: str, X: np.ndarray, y: np.ndarray, train: np.ndarray
                 if len(p):
                     out[:, t] = model.predict_proba(X[p])[:, pos]
         else:
-            model = RandomForestRegressor(n_estimators=N_TREES, n_jobs=threads, random_state=seed)
+            model = RandomForestRegressor(n_estimators=n_trees, n_jobs=threads, random_state=seed)
             model.fit(X[rows], yt)
             for p, out in zip(parts, preds):
                 if len(p):
@@ -152,7 +153,8 @@ def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineF
     X, n_imputed = impute(features.X, np.asarray(split.train))
     y = data.labels.astype(np.float64)
     valid_pred, test_pred = _fit_predict(task_type, X, y, np.asarray(split.train),
-                                         [np.asarray(split.valid), np.asarray(split.test)], seed, threads)
+                                         [np.asarray(split.valid), np.asarray(split.test)], seed, threads,
+                                         ft.baseline_trees)
     train_seconds = time.perf_counter() - t0
 
     def score(idx: np.ndarray, pred: np.ndarray) -> TaskMetrics:
@@ -170,6 +172,8 @@ def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineF
         timing={"train_seconds": train_seconds, "eval_seconds": 0.0, "seconds_per_epoch": 0.0,
                 "seed_seconds": time.perf_counter() - t0, "featurize_seconds": features.seconds,
                 "n_imputed": float(n_imputed), "n_not_standardised": float(features.n_not_standardised)},
-        test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32), device="cpu",
+        test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32),
+        valid_pred=valid_pred.astype(np.float32), task_mode="per_target" if data.n_tasks > 1 else "single_task",
+        device="cpu",
         threads=int(threads), worker=f"{socket.gethostname()}:{os.getpid()}",
     )

@@ -9,6 +9,7 @@
   original units), optional frozen encoder (eval mode: its BatchNorm statistics stay as exported too; the
   graph embeddings are then computed once and only the head trains), validation after every epoch, early
   stopping after ``patience`` epochs without improvement, and the test score of the best-validation weights.
+  With ``task_mode=per_target`` and several targets, one such model per target on its labelled training rows.
 
 Everything random comes from the seed (torch init and dropout, numpy shuffling, the split where it depends on
 a seed); on CPU with a fixed number of torch threads, the same seed gives bit-identical metrics.
@@ -285,6 +286,8 @@ class SeedResult:
     timing: dict[str, float] = field(default_factory=dict)
     test_index: np.ndarray | None = None  # rows of the labelled set in test
     test_pred: np.ndarray | None = None  # (n_test, n_tasks) probabilities / values in original units
+    valid_pred: np.ndarray | None = None  # (n_valid, n_tasks), as test_pred
+    task_mode: str = "single_task"  # single_task (one target) | multitask | per_target
     device: str = "cpu"
     threads: int = 1
     model: Any = None  # the tested PropertyModel, only with finetune_seed(keep_model=True)
@@ -340,6 +343,8 @@ def finetune_seed(
     data = prepared.data
     task_type, metric = data.task_type, ft.resolved_metric()
     device = resolve_device(ft.device)
+    if ft.task_mode == "per_target" and data.n_tasks > 1:
+        return _per_target_seed(cfg, seed, prepared, split, encoder, threads, verbose, t_start)
 
     seed_everything(seed)
     built = build_property_model(cfg, data.n_tasks, seed, encoder=encoder, device=device)
@@ -452,7 +457,7 @@ def finetune_seed(
             log.warning("finetune %s seed %d: the validation set could not be scored (%s); the last epoch's "
                         "weights are tested", data.name, seed, metric)
     t_ev = time.perf_counter()
-    valid_m, _ = score("valid", split.valid) if has_valid else (
+    valid_m, valid_pred = score("valid", split.valid) if has_valid else (
         evaluate(task_type, np.zeros((0, data.n_tasks)), np.zeros((0, data.n_tasks)), data.task_names, metric),
         None)
     test_m, test_pred = score("test", split.test)
@@ -468,8 +473,75 @@ def finetune_seed(
         n_trainable=int(n_trainable), history=history,
         timing={"train_seconds": train_seconds, "eval_seconds": eval_seconds,
                 "seconds_per_epoch": train_seconds / max(epoch, 1), "seed_seconds": total},
-        test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32), device=str(device),
+        test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32),
+        valid_pred=None if valid_pred is None else valid_pred.astype(np.float32),
+        task_mode="multitask" if data.n_tasks > 1 else "single_task", device=str(device),
         threads=int(torch.get_num_threads()), model=model if keep_model else None,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split: Split,
+                     encoder: EncoderSource | None, threads: int | None, verbose: bool, t_start: float) -> SeedResult:
+    """``task_mode=per_target``: one model per target, each trained on that target's labelled training rows and
+    selected on its own validation score; their predictions are scored together by the same metric code as a
+    multi-task model's (mean over targets), so the two protocols read the same in the table."""
+    from dataclasses import replace
+
+    data = prepared.data
+    ft = cfg.finetune
+    task_type, metric = data.task_type, ft.resolved_metric()
+    one_cfg = cfg.model_copy(update={"finetune": ft.model_copy(update={"task_mode": "multitask"})})
+    valid_idx, test_idx = np.asarray(split.valid), np.asarray(split.test)
+    valid_pred = np.full((len(valid_idx), data.n_tasks), np.nan)
+    test_pred = np.full((len(test_idx), data.n_tasks), np.nan)
+    per_task: list[SeedResult] = []
+    n_untrained = 0
+    for t, name in enumerate(data.task_names):
+        labels = data.labels[:, [t]]
+        train = np.asarray(split.train)[~np.isnan(labels[np.asarray(split.train), 0])]
+        if len(train) == 0:  # nothing to learn from: the constant the scorer ignores (no labels, no score)
+            n_untrained += 1
+            valid_pred[:, t] = test_pred[:, t] = 0.5 if task_type == "classification" else 0.0
+            continue
+        view = replace(prepared, data=replace(data, labels=labels, task_names=[name]))
+        r = finetune_seed(one_cfg, seed, prepared=view, split=Split(train, valid_idx, test_idx), encoder=encoder,
+                          threads=threads)
+        test_pred[:, t] = r.test_pred[:, 0]
+        if r.valid_pred is not None:
+            valid_pred[:, t] = r.valid_pred[:, 0]
+        per_task.append(r)
+        if verbose:
+            log.info("finetune %s seed %d target %s: valid %.4f test %.4f (%d training rows)", data.name, seed,
+                     name, r.valid.value, r.test.value, len(train))
+    y = data.labels.astype(np.float64)
+    test_m = evaluate(task_type, y[test_idx], test_pred, data.task_names, metric)
+    valid_m = evaluate(task_type, y[valid_idx], valid_pred, data.task_names, metric)
+    epochs = max((len(r.history) for r in per_task), default=0)
+    history = []
+    for e in range(epochs):  # the targets' curves averaged per epoch (a target that stopped early drops out)
+        recs = [r.history[e] for r in per_task if len(r.history) > e]
+        history.append({k: float(np.nanmean([h.get(k, np.nan) for h in recs])) for k in recs[0]})
+    train_seconds = sum(r.timing["train_seconds"] for r in per_task)
+    final_sha = hashlib.sha256("".join(r.final_encoder_sha256 for r in per_task).encode()).hexdigest()
+    first = per_task[0] if per_task else None
+    return SeedResult(
+        seed=int(seed), dataset=data.name, method=ft.method_label(), split=ft.split, task_type=task_type,
+        metric=metric, test=test_m, valid=valid_m,
+        best_epoch=int(np.median([r.best_epoch for r in per_task])) if per_task else 0, epochs_run=epochs,
+        stopped_early=any(r.stopped_early for r in per_task),
+        selection="best_valid" if all(r.selection == "best_valid" for r in per_task) else "mixed",
+        n_train=len(split.train), n_valid=len(split.valid), n_test=len(split.test), split_hash=split_hash(split),
+        encoder_run_id=first.encoder_run_id if first else "", encoder_sha256=first.encoder_sha256 if first else "",
+        final_encoder_sha256=final_sha, pretrained=bool(first and first.pretrained),
+        n_params=sum(r.n_params for r in per_task), n_trainable=sum(r.n_trainable for r in per_task),
+        history=history,
+        timing={"train_seconds": train_seconds, "eval_seconds": sum(r.timing["eval_seconds"] for r in per_task),
+                "seconds_per_epoch": train_seconds / max(sum(r.epochs_run for r in per_task), 1),
+                "seed_seconds": time.perf_counter() - t_start, "n_target_models": float(len(per_task)),
+                "n_targets_without_training_rows": float(n_untrained)},
+        test_index=test_idx, test_pred=test_pred.astype(np.float32), valid_pred=valid_pred.astype(np.float32),
+        task_mode="per_target", device=first.device if first else "cpu", threads=first.threads if first else 1,
         worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 

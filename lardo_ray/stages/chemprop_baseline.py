@@ -4,9 +4,11 @@ chemprop pins its own RDKit, so it usually lives in a separate environment (``ma
 ``.venv-chemprop``); we drive its CLI (``chemprop train``) and never reimplement D-MPNN. Per seed: the data
 set as the fine-tune stage reads it, with a ``split`` column holding exactly our train/val/test assignment of
 that seed, so every method is scored on the same molecules; ``--pytorch-seed`` = the seed. chemprop picks
-its best epoch on validation loss and writes the test predictions; we score those with the same metric code
-as our fine-tunes (mean ROC-AUC over tasks with both classes, RMSE/MAE) and log a parent run
-``<dataset>/chemprop`` with a child per seed, the tags ``compare`` reads.
+its best epoch on validation loss and writes the test predictions; ``chemprop predict`` with that best model
+gives the validation predictions. Both are scored with the same metric code as our fine-tunes (mean ROC-AUC
+over tasks with both classes, RMSE/MAE), and we log a parent run ``<dataset>/chemprop`` with a child per seed,
+the tags ``compare`` reads, and the seed's test predictions (the Parquet compare's bootstrap reads): so
+chemprop can be the "best baseline" chosen on validation like any other method.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class ChempropResult:
         return out
 
 
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
 def resolve_executable(command: str) -> str:
     path = shutil.which(os.path.expanduser(command))
     if path is None:
@@ -80,6 +86,20 @@ def _read_predictions(path: Path, tasks: list[str], test_smiles: list[str]) -> n
     return np.asarray([[float(r[t]) for t in tasks] for r in rows], dtype=np.float64)
 
 
+def _predict(exe: str, model: Path, smiles: list[str], out: Path, env: dict, timeout: float | None) -> Path:
+    src = out.with_suffix(".input.csv")
+    with open(src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles"])
+        w.writerows([s] for s in smiles)
+    cmd = [exe, "predict", "-i", str(src), "-s", "smiles", "--model-paths", str(model), "-o", str(out),
+           "--accelerator", "cpu", "-n", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"chemprop predict exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+    return out
+
+
 def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task_type: str, metric: str,
                  timeout: float | None = None, threads: int | None = None) -> dict[str, float]:
     from lardo_ray.finetune.metrics import evaluate
@@ -101,8 +121,16 @@ def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task
         raise RuntimeError(f"chemprop train exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
     preds = _read_predictions(out / "model_0" / "test_predictions.csv", data.task_names,
                               [data.smiles[i] for i in split.test])
+    np.save(work / "test_pred.npy", preds)
     m = evaluate(task_type, data.labels[np.asarray(split.test)], preds, data.task_names, metric)
     metrics = m.to_mlflow("test_")
+    if len(split.valid):
+        valid_smiles = [data.smiles[i] for i in split.valid]
+        vpath = _predict(exe, out / "model_0" / "best.pt", valid_smiles, work / "valid_predictions.csv", env,
+                         timeout)
+        vm = evaluate(task_type, data.labels[np.asarray(split.valid)],
+                      _read_predictions(vpath, data.task_names, valid_smiles), data.task_names, metric)
+        metrics.update(vm.to_mlflow("valid_", per_task=False))
     metrics.update({"n_train": float(len(split.train)), "n_valid": float(len(split.valid)),
                     "n_test": float(len(split.test)), "epochs_run": float(epochs),
                     "seconds_total": time.perf_counter() - t0})
@@ -114,7 +142,7 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
     """chemprop on ``cfg.finetune``'s data set, split and seeds; a parent + per-seed MLflow runs."""
     from lardo_ray.finetune.metrics import parent_summary
     from lardo_ray.finetune.train import prepare_task, split_for, split_hash
-    from lardo_ray.stages.compare import finetune_tags
+    from lardo_ray.stages.compare import TAG_PREDICTIONS, finetune_tags
     from lardo_ray.stages.finetune import TAG_SPLIT_HASH
     from lardo_ray.tracking import make_tracker
 
@@ -152,7 +180,8 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
         list(pool.map(one, ft.seeds))
     res.seconds = time.perf_counter() - t0
 
-    base = dict(task_type=data.task_type, metric=data.metric)
+    base = dict(task_type=data.task_type, metric=data.metric,
+                task_mode="multitask" if data.n_tasks > 1 else "single_task")  # one D-MPNN, every target
     params = {"method": METHOD, "chemprop": exe, "epochs": n_epochs, "split": ft.split,
               "split_sizes": str(list(ft.split_sizes)), "dataset": key, "n_molecules": len(data)}
     outer = tracker.run_id
@@ -165,6 +194,15 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
                 with tracker.run(f"seed{seed}", tags=tags, nested=True):
                     tracker.log_params({**params, "seed": seed})
                     tracker.log_metrics(metrics)
+                    pred_file = root / f"seed{seed}" / "test_pred.npy"
+                    if pred_file.exists():  # what compare's paired bootstrap reads back
+                        from lardo_ray.stages.finetune import write_predictions
+
+                        path = str(root / f"seed{seed}" / f"{_safe(key)}__{METHOD}__{ft.split}__seed{seed}.parquet")
+                        write_predictions(path, data, np.asarray(split_for(prepared, ft, seed).test),
+                                          np.load(pred_file))
+                        tracker.log_artifact(path)
+                        tracker.set_tags({TAG_PREDICTIONS: os.path.basename(path)})
                     log_file = root / f"seed{seed}" / "chemprop.log"
                     if log_file.exists():
                         tracker.log_artifact(str(log_file))

@@ -75,6 +75,7 @@ KIND_FINETUNE = "finetune"
 PARENT_TAG = "mlflow.parentRunId"
 TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given ("" = no pre-trained encoder)
 TAG_PREDICTIONS = "lardo.predictions"  # artifact name of a seed run's test predictions
+TAG_TASK_MODE = "lardo.task_mode"  # single_task | multitask | per_target (the protocol the numbers come from)
 
 # Published ROC-AUC (%) on the deterministic scaffold split (80/10/10), mean over 3 runs. Shown only with
 # include_published=True, always marked as published (they are not re-run here).
@@ -106,6 +107,7 @@ def finetune_tags(
     task_type: str | None = None,
     metric: str | None = None,
     seed: int | None = None,
+    task_mode: str | None = None,
 ) -> dict[str, str]:
     """The lardo.* tags of a fine-tune parent run (seed=None) or of one seed's child run."""
     tags = {
@@ -121,6 +123,8 @@ def finetune_tags(
         tags[TAG_METRIC] = metric or default_metric(task_type)
     if seed is not None:
         tags[TAG_SEED] = str(int(seed))
+    if task_mode:
+        tags[TAG_TASK_MODE] = task_mode
     return tags
 
 
@@ -312,15 +316,28 @@ def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
     row_key, col_keys = keys[0], keys[1:]
     records: list[dict[str, Any]] = []
 
-    def label_of(r) -> tuple[str, str]:
+    def label_of(r) -> tuple[str, str, str]:
         ds = str(r.get(row_key)) if _present(r.get(row_key)) else "?"
         col = " / ".join(str(r.get(k)) if _present(r.get(k)) else "?" for k in col_keys)
-        return ds, col
+        mode = r.get(f"tags.{TAG_TASK_MODE}")
+        return ds, col, str(mode) if _present(mode) else ""
 
-    groups: dict[tuple[str, str], dict[str, list]] = {}
+    raw: dict[tuple[str, str, str], dict[str, list]] = {}
     for part_name, part in (("children", children), ("parents", parents)):
         for _, r in part.iterrows():
-            groups.setdefault(label_of(r), {"children": [], "parents": []})[part_name].append(r)
+            raw.setdefault(label_of(r), {"children": [], "parents": []})[part_name].append(r)
+    # one method run both ways on a data set (multitask and per_target): two columns, never averaged together
+    modes: dict[tuple[str, str], set[str]] = {}
+    for ds, col, mode in raw:
+        modes.setdefault((ds, col), set()).add(mode)
+    groups: dict[tuple[str, str], dict[str, list]] = {}
+    group_mode: dict[tuple[str, str], str] = {}
+    for (ds, col, mode), g in raw.items():
+        key = (ds, f"{col} ({mode})" if len(modes[(ds, col)]) > 1 and mode else col)
+        merged = groups.setdefault(key, {"children": [], "parents": []})
+        merged["children"] += g["children"]
+        merged["parents"] += g["parents"]
+        group_mode[key] = mode if key not in group_mode or group_mode[key] == mode else ""
 
     for (ds, col), g in groups.items():
         ch = pd.DataFrame(g["children"]) if g["children"] else pd.DataFrame()
@@ -367,7 +384,7 @@ def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
             "dataset": ds, "dataset_name": _dataset_display(ds), "method": col, "metric": metric,
             "subset": cfg.subset, "split": ",".join(sorted(split_vals)), "mean": ms.mean, "std": ms.std,
             "n": ms.n, "source": source, "higher_is_better": higher_is_better(metric), "published": False,
-            "run_ids": ";".join(run_ids),
+            "run_ids": ";".join(run_ids), "task_mode": group_mode.get((ds, col), ""),
         })  # fmt: skip
     return records
 
@@ -394,6 +411,7 @@ def _add_published(records: list[dict], anchors: dict[str, dict[str, Any]], subs
                 "metric": metric, "subset": subset, "split": "scaffold", "mean": mean / scale,
                 "std": std / scale, "n": info.get("n", 3), "source": f"published: {info.get('source', '')}",
                 "higher_is_better": higher_is_better(metric), "published": True, "run_ids": "",
+                "task_mode": "",
             })  # fmt: skip
     return out
 
@@ -440,6 +458,9 @@ def _wide_and_markdown(table, title: str, footnotes: list[str]):
                 cells_wide.append(text + " (published)")
             else:
                 text = _cell(ms, metric)
+                mode = str(r.get("task_mode") or "")
+                if mode in ("multitask", "per_target"):  # several targets: say which protocol made the number
+                    text = text[:-1] + f", {mode})" if text.endswith(")") else f"{text} ({mode})"
                 cells_md.append(f"**{text}**" if r["is_best"] else text)
                 cells_wide.append(text)
         name = sub["dataset_name"].iloc[0]
@@ -548,6 +569,10 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
         f"Experiment `{cfg.experiment}`; cell = mean ± std (population std, ddof=0) over n seeds; "
         "ROC-AUC in %; best measured value per dataset in **bold** (ROC-AUC: higher, RMSE/MAE: lower).",
     ]
+    if table["task_mode"].isin(["multitask", "per_target"]).any():
+        footnotes.append("Data sets with several targets: *multitask* = one model, masked loss over every target; "
+                         "*per_target* = one model per target on its labelled training rows (the forests always); "
+                         "both scored as the mean over targets (`finetune.task_mode`).")
     if table["published"].any():
         srcs = sorted({f"{m.removesuffix(' (published)')}: {anchors[m.removesuffix(' (published)')]['source']}"
                        for m in table.loc[table["published"], "method"]})

@@ -38,6 +38,7 @@ from lardo_ray.finetune.splits import describe_split
 from lardo_ray.stages.compare import TAG_ENCODER, TAG_PREDICTIONS, finetune_tags
 
 if TYPE_CHECKING:
+    from lardo_ray.finetune.datasets import LabelledSet
     from lardo_ray.finetune.model import EncoderSource
     from lardo_ray.finetune.splits import Split
     from lardo_ray.finetune.train import PreparedTask, SeedResult
@@ -56,18 +57,17 @@ TAG_SPLIT_HASH = "lardo.split_hash"  # fingerprint of the seed's train/valid/tes
 TAG_FAILED_SEEDS = "lardo.failed_seeds"
 
 
-def write_predictions(path: str, prepared: PreparedTask, r: SeedResult) -> None:
+def write_predictions(path: str, data: LabelledSet, test_index: np.ndarray, test_pred: np.ndarray) -> None:
     """One seed's test predictions as Parquet: row (index in the labelled set), smiles, then y_<task> and
     pred_<task> (probability / value in the original units) per task. Compare's bootstrap pairs methods by row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    idx = np.asarray(r.test_index, dtype=np.int64)
-    data = prepared.data
+    idx = np.asarray(test_index, dtype=np.int64)
     cols: dict[str, Any] = {"row": idx, "smiles": [data.smiles[i] for i in idx]}
     for t, name in enumerate(data.task_names):
         cols[f"y_{name}"] = data.labels[idx, t].astype(np.float64)
-        cols[f"pred_{name}"] = np.asarray(r.test_pred, dtype=np.float64)[:, t]
+        cols[f"pred_{name}"] = np.asarray(test_pred, dtype=np.float64)[:, t]
     pq.write_table(pa.table(cols), path)
 
 
@@ -339,7 +339,8 @@ def _architecture(cfg: PipelineConfig, enc: EncoderSource | None, baseline: str 
     if baseline:
         from lardo_ray.finetune.baselines import BASELINES
 
-        return f"{BASELINES[baseline]}, one model per task on its labelled training rows"
+        return (f"{BASELINES[baseline]} ({cfg.finetune.baseline_trees} trees), one model per task on its labelled "
+                "training rows")
     if enc is None:
         m = cfg.model
         c = {"num_layers": m.num_layers, "hidden": m.hidden, "pooling": m.pooling, "jk": m.jk}
@@ -348,8 +349,9 @@ def _architecture(cfg: PipelineConfig, enc: EncoderSource | None, baseline: str 
     ft = cfg.finetune
     probe = "frozen encoder (probe)" if ft.freeze_encoder or ft.lr_encoder == 0 else \
         f"lr head {ft.lr_head:g} / encoder {ft.lr_encoder:g}"
+    mode = "; one model per target" if ft.task_mode == "per_target" else ""
     return (f"GINE {c.get('num_layers')} x {c.get('hidden')} ({c.get('pooling')} pool, jk {c.get('jk')}) + "
-            f"MLP head {ft.head_hidden}; {ft.epochs} epochs, batch {ft.batch_size}, {probe}")
+            f"MLP head {ft.head_hidden}; {ft.epochs} epochs, batch {ft.batch_size}, {probe}{mode}")
 
 
 _ARCH_KEYS = ("num_layers", "hidden", "dropout", "pooling", "jk", "batch_norm")
@@ -394,11 +396,19 @@ def _log_history(tracker: Tracker, run_id: str, history: list[dict[str, float]])
         log.warning("MLflow: could not log the epoch history: %s", str(e)[:200])
 
 
+def task_mode_of(g: _Group, prepared: PreparedTask) -> str:
+    """The protocol a group's numbers come from (tag lardo.task_mode): forests are one model per target."""
+    if prepared.data.n_tasks == 1:
+        return "single_task"
+    return "per_target" if g.baseline else g.cfg.finetune.task_mode
+
+
 def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSource | None,
                prepared: PreparedTask) -> None:
     """Parent run + one nested child per seed (compare contract), then the parent's mean/std."""
     ft = g.cfg.finetune
-    base = dict(task_type=res.task_type, metric=res.metric, encoder_run_id=res.encoder_run_id)
+    base = dict(task_type=res.task_type, metric=res.metric, encoder_run_id=res.encoder_run_id,
+                task_mode=task_mode_of(g, prepared))
     params = _params(g.cfg, g, enc, prepared)
     extra = {TAG_ENCODER: g.encoder_spec or "", TAG_ENCODER_SHA: res.encoder_sha256}
     outer_run_id, n_not_logged = tracker.run_id, len(tracker.not_logged)
@@ -542,7 +552,7 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                     local = os.path.join(stage_dir or tempfile.mkdtemp(prefix="lardo-ft-"), "predictions")
                     os.makedirs(local, exist_ok=True)
                     path = os.path.join(local, pname)
-                    write_predictions(path, p, r)
+                    write_predictions(path, p.data, r.test_index, r.test_pred)
                     res.predictions_local[r.seed] = path
                     if not stage_dir:
                         fs.upload(path, fs.join(stage_uri, "predictions", pname))

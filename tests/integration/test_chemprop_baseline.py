@@ -72,6 +72,19 @@ def test_chemprop_on_our_split_logged_for_compare(tmp_path):
     assert sorted(int(r.data.tags["lardo.seed"]) for r in children) == [0, 1]
     for r in children:  # the same molecules our fine-tunes use for that seed
         seed = int(r.data.tags["lardo.seed"])
-        assert r.data.tags["lardo.split_hash"] == split_hash(split_for(prepared, cfg.finetune, seed))
+        split = split_for(prepared, cfg.finetune, seed)
+        assert r.data.tags["lardo.split_hash"] == split_hash(split)
+        assert r.data.tags["lardo.task_mode"] == "single_task"
+        # scored on validation too (compare chooses the best baseline there), predictions kept for the bootstrap
+        assert 0.0 <= r.data.metrics["valid_roc_auc"] <= 1.0
+        local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id,
+                                                    artifact_path=r.data.tags["lardo.predictions"],
+                                                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        import pandas as pd
+
+        pred = pd.read_parquet(local)
+        assert pred["row"].tolist() == list(split.test)
+        assert pred["smiles"].tolist() == [prepared.data.smiles[i] for i in split.test]
+        assert pred.filter(like="pred_").shape[1] == prepared.data.n_tasks
     table = compare(resolved_compare_config(cfg))
     assert "chemprop" in table.markdown

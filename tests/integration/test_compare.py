@@ -224,3 +224,33 @@ def test_compare_against_mlflow_server(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+def test_task_modes_named_and_never_averaged_together(tmp_path):
+    """The same method fine-tuned multitask and per target on Tox21: two columns, each cell naming its
+    protocol; a single-target set's cells name none."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'modes.db'}"
+    runs = [("tox21", "scratch", "multitask", [0.70, 0.72]), ("tox21", "scratch", "per_target", [0.76, 0.78]),
+            ("tox21", "rf_dsm", "per_target", [0.77, 0.77]), ("bbbp", "scratch", "single_task", [0.70, 0.71])]
+    with _uri(uri):
+        mlflow.set_experiment(EXP)
+        for ds, method, mode, vals in runs:
+            with mlflow.start_run(run_name=f"{ds}/{method}", tags=finetune_tags(
+                    ds, method, "scaffold", task_type="classification", task_mode=mode)):
+                for seed, v in enumerate(vals):
+                    with mlflow.start_run(run_name=f"seed{seed}", nested=True, tags=finetune_tags(
+                            ds, method, "scaffold", task_type="classification", seed=seed, task_mode=mode)):
+                        mlflow.log_metrics({"test_roc_auc": v, "valid_roc_auc": v})
+    res = compare(CompareConfig(experiment=EXP, tracking_uri=uri, output_dir=str(tmp_path / "out"), bootstrap=0))
+    t = res.table.set_index(["dataset", "method"])
+    assert t.loc[("tox21", "scratch (multitask)")]["mean"] == pytest.approx(0.71)
+    assert t.loc[("tox21", "scratch (per_target)")]["mean"] == pytest.approx(0.77)
+    assert t.loc[("tox21", "rf_dsm")]["task_mode"] == "per_target"
+    assert t.loc[("bbbp", "scratch")]["mean"] == pytest.approx(0.705)
+    tox = next(line for line in res.markdown.splitlines() if line.startswith("| Tox21"))
+    assert "71.0 ± 1.0 (n=2, multitask)" in tox and "77.0 ± 1.0 (n=2, per_target)" in tox
+    bbbp = next(line for line in res.markdown.splitlines() if line.startswith("| BBBP"))
+    assert "(n=2)" in bbbp and "single_task" not in bbbp
+    assert "*per_target* = one model per target" in res.markdown

@@ -233,6 +233,8 @@ def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, s
     _, runs = _runs(uri)
     seeds = [r for r in runs if r.data.tags.get("lardo.role") == "seed" and r.data.tags["lardo.method"] == "rf_dsm"]
     assert len(seeds) == 2 and all(r.info.status == "FINISHED" and "test_roc_auc" in r.data.metrics for r in seeds)
+    assert {r.data.tags.get("lardo.task_mode") for r in runs if r.data.tags.get("lardo.kind") == "finetune"} \
+        == {"single_task"}  # one target: neither protocol applies
     res = compare(CompareConfig(experiment=EXP, tracking_uri=uri, output_dir=str(tmp_path / "cmp"),
                                 split="scaffold", bootstrap=200))
     assert {"lardo", "scratch", "rf_dsm", "rf_ecfp"} <= set(res.table["method"])

@@ -254,3 +254,43 @@ def test_fine_tune_graphs_are_the_pretraining_graphs_of_the_standardised_molecul
     raw_graphs, _ = featurize_smiles(raw)
     assert prepared.graphs.column("num_nodes").to_pylist() != raw_graphs.column("num_nodes").to_pylist()
     assert prepared.data.smiles == raw  # the split still sees the file's SMILES
+
+
+def test_per_target_mode_is_one_model_per_target_on_its_labelled_rows(tmp_path):
+    """per_target: each target's predictions are exactly those of a single-target run on that target's labelled
+    training rows (same seed, same split), scored together by the multi-task metric code."""
+    from importlib.resources import files
+
+    import pandas as pd
+
+    from lardo_ray.finetune.metrics import evaluate
+    from lardo_ray.finetune.splits import Split
+
+    src = pd.read_csv(files("lardo_ray") / "data" / "bbbp.csv").head(240)
+    src["a"] = src["p_np"]
+    src["b"] = np.where(np.arange(len(src)) % 3 == 0, 1 - src["p_np"], np.nan)  # b: a third of the rows labelled
+    path = tmp_path / "two.csv"
+    src[["smiles", "a", "b"]].to_csv(path, index=False)
+    common = [f"finetune.data_path={path}", "finetune.dataset=null", "finetune.task_type=classification",
+              "finetune.epochs=3", "finetune.split=random"]
+    both = cfg_of(*common, "finetune.label_columns=[a,b]", "finetune.task_mode=per_target")
+    prepared = prepare_task(both.finetune)
+    split = split_for(prepared, both.finetune, 0)
+    r = finetune_seed(both, 0, prepared=prepared, split=split)
+    assert r.task_mode == "per_target" and r.timing["n_target_models"] == 2
+    assert r.test_pred.shape == (len(split.test), 2) and r.split_hash == split_hash(split)
+    y = prepared.data.labels
+    expect = evaluate("classification", y[split.test], r.test_pred.astype(np.float64), ["a", "b"], "roc_auc")
+    assert r.test.value == pytest.approx(expect.value, abs=1e-9)
+
+    for t, col in enumerate(["a", "b"]):
+        one = cfg_of(*common, f"finetune.label_columns=[{col}]")
+        p1 = prepare_task(one.finetune)
+        train = split.train[~np.isnan(y[split.train, t])]
+        assert (len(train) == len(split.train)) == (col == "a")
+        r1 = finetune_seed(one, 0, prepared=p1, split=Split(train, split.valid, split.test))
+        assert r1.task_mode == "single_task"
+        np.testing.assert_array_equal(r.test_pred[:, t], r1.test_pred[:, 0])
+
+    multi = finetune_seed(cfg_of(*common, "finetune.label_columns=[a,b]"), 0, prepared=prepared, split=split)
+    assert multi.task_mode == "multitask" and not np.array_equal(multi.test_pred, r.test_pred)
