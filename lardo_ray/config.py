@@ -103,6 +103,11 @@ class AblationConfig(Section):
         "llm_no_dsm: [describe.variant=no_dsm]}; each pre-trains into <output_dir>/<label>/",
     )
     scratch: bool = Field(default=True, description="add the random-init encoder ('scratch') to the grid")
+    finetune_variants: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="label suffix -> finetune.* overrides: every GNN method (each variant's encoder and scratch) "
+        "is also fine-tuned with them, as '<method><suffix>', e.g. {'+dsm': [finetune.dsm_features=all]}",
+    )
     baselines: list[Literal["rf_dsm", "rf_ecfp"]] = Field(
         default_factory=lambda: ["rf_dsm", "rf_ecfp"],
         description="classical baselines in the grid, on the same splits and seeds (lardo_ray.finetune.baselines)",
@@ -116,6 +121,17 @@ class AblationConfig(Section):
         default=True, description="compute the DSM stage once into <output_dir>/dsm for every variant "
         "(variants that change dsm.* or input.* get their own)",
     )
+
+    @field_validator("finetune_variants")
+    @classmethod
+    def _finetune_only(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for suffix, overrides in v.items():
+            if not suffix or any(c.isspace() or c == "/" for c in suffix):
+                raise ValueError(f"finetune_variants: suffix {suffix!r} must be non-empty, without spaces or '/'")
+            bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("finetune.") or "=" not in o]
+            if bad:
+                raise ValueError(f"finetune_variants.{suffix}: only finetune.KEY=VALUE overrides, got {bad}")
+        return v
 
     @field_validator("variants")
     @classmethod

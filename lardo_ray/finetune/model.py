@@ -50,24 +50,37 @@ class EncoderResolveError(ValueError):
 # The model
 # ---------------------------------------------------------------------------------------------------------
 class PropertyModel(nn.Module):
-    """Graph encoder -> Linear(out_dim, hidden) -> ReLU -> Dropout -> Linear(hidden, n_tasks) (logits / values)."""
+    """Graph encoder [+ DSM descriptors] -> Linear(hidden) -> ReLU -> Dropout -> Linear(hidden, n_tasks).
 
-    def __init__(self, encoder: GINEEncoder, n_tasks: int, head_hidden: int = 256, head_dropout: float = 0.0):
+    ``n_descriptors`` > 0: the head also reads that many normalised molecule descriptors, concatenated with the
+    graph embedding (the DSMs' exact values used at prediction time, not only through pre-training text)."""
+
+    def __init__(self, encoder: GINEEncoder, n_tasks: int, head_hidden: int = 256, head_dropout: float = 0.0,
+                 n_descriptors: int = 0):
         super().__init__()
         if n_tasks < 1:
             raise ValueError("n_tasks must be >= 1")
         self.encoder = encoder
         self.n_tasks = n_tasks
+        self.n_descriptors = int(n_descriptors)
         self.head = nn.Sequential(
-            nn.Linear(encoder.out_dim, head_hidden),
+            nn.Linear(encoder.out_dim + self.n_descriptors, head_hidden),
             nn.ReLU(),
             nn.Dropout(head_dropout),
             nn.Linear(head_hidden, n_tasks),
         )
 
-    def forward(self, batch) -> torch.Tensor:
+    def head_on(self, h: torch.Tensor, descriptors: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on graph embeddings ``h`` (and the molecules' descriptors when the model reads them)."""
+        if self.n_descriptors:
+            if descriptors is None:
+                raise ValueError(f"this model reads {self.n_descriptors} descriptors per molecule; none given")
+            h = torch.cat([h, descriptors], dim=1)
+        return self.head(h)
+
+    def forward(self, batch, descriptors: torch.Tensor | None = None) -> torch.Tensor:
         """A PyG batch -> (num_graphs, n_tasks): logits for classification, standardised values for regression."""
-        return self.head(self.encoder(batch))
+        return self.head_on(self.encoder(batch), descriptors)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
@@ -315,6 +328,7 @@ def build_property_model(
     seed: int,
     encoder: EncoderSource | None = None,
     device: str | torch.device = "cpu",
+    n_descriptors: int = 0,
 ) -> BuiltModel:
     """The property model of one fine-tune run.
 
@@ -338,7 +352,7 @@ def build_property_model(
     # The head's init depends on the seed only (not on the encoder's source): in an ablation the methods
     # differ in the encoder alone.
     torch.manual_seed((int(seed) * 1_000_003 + 17) % (2**63))
-    model = PropertyModel(enc, n_tasks, ft.head_hidden, ft.head_dropout)
+    model = PropertyModel(enc, n_tasks, ft.head_hidden, ft.head_dropout, n_descriptors)
     if ft.encoder_dropout is not None:
         model.set_encoder_dropout(ft.encoder_dropout)
     sha = encoder_state_sha256(model.encoder)

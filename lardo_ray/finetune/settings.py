@@ -93,6 +93,12 @@ class FinetuneConfig(Section):
         "training rows (as MolCLR's and the paper's released code do); the table names which. The random-forest "
         "baselines are always per target",
     )
+    dsm_features: Literal["none", "all"] = Field(
+        default="none",
+        description="all: the molecule's RDKit descriptors (the dsm stage's registry, same Standardiser) "
+        "concatenated with the graph embedding before the head, each mapped through its empirical CDF on the "
+        "training rows (chemprop's rdkit_2d_normalized idea); none: the graph embedding alone",
+    )
     baselines: list[Literal["rf_dsm", "rf_ecfp"]] = Field(
         default_factory=list, description="classical baselines fitted on the same splits and seeds beside the GNN "
         "(rf_dsm: random forest on the dsm stage's RDKit descriptors; rf_ecfp: on ECFP4 2048-bit fingerprints); "

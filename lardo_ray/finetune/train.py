@@ -62,6 +62,7 @@ class PreparedTask:
     featurize_seconds: float = 0.0
     graphs_from_cache: bool = False
     key: str = ""  # sha256 of the SMILES (+ featurizer vocabulary): names the on-disk graph cache
+    descriptors: np.ndarray | None = None  # (n, n_descriptors) float32 RDKit descriptors, NaN where not computable
 
     @property
     def name(self) -> str:
@@ -178,6 +179,36 @@ def prepare_task(ft: FinetuneConfig, cache_dir: str | os.PathLike | None = None,
     while len(_MEMO) > _MEMO_SIZE:
         _MEMO.popitem(last=False)
     return prepared
+
+
+def dsm_descriptors(prepared: PreparedTask, max_atoms: int = 200) -> np.ndarray:
+    """The dsm stage's RDKit descriptors of every molecule (computed once, kept on ``prepared``): the same
+    registry and Standardiser as the dsm stage and the rf_dsm baseline."""
+    if prepared.descriptors is None:
+        from lardo_ray.finetune.baselines import featurize
+
+        f = featurize("rf_dsm", prepared.data.smiles, max_atoms)
+        prepared.descriptors = f.X
+        log.info("finetune %s: %d descriptors per molecule in %.1f s (%d NaN/inf values)", prepared.name,
+                 f.X.shape[1], f.seconds, int(np.isnan(f.X).sum()))
+    return prepared.descriptors
+
+
+def normalise_descriptors(X: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Each descriptor through its empirical CDF on the training rows (values in [0, 1], outliers and
+    heavy tails tamed; chemprop's rdkit_2d_normalized does this with CDFs fitted on a reference set). A
+    missing value sits at the middle of the distribution (0.5); nothing is fitted on valid or test rows."""
+    import warnings
+
+    from sklearn.preprocessing import QuantileTransformer
+
+    qt = QuantileTransformer(n_quantiles=max(2, min(1000, len(train))), output_distribution="uniform",
+                             subsample=100_000, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # columns with every training value missing: NaN, then 0.5 below
+        qt.fit(X[train].astype(np.float64))
+        out = qt.transform(X.astype(np.float64))
+    return np.nan_to_num(out, nan=0.5).astype(np.float32)
 
 
 def clear_cache() -> None:
@@ -346,8 +377,17 @@ def finetune_seed(
     if ft.task_mode == "per_target" and data.n_tasks > 1:
         return _per_target_seed(cfg, seed, prepared, split, encoder, threads, verbose, t_start)
 
+    D: torch.Tensor | None = None  # normalised descriptors of every molecule (dsm_features=all)
+    if ft.dsm_features != "none":
+        D = torch.as_tensor(normalise_descriptors(dsm_descriptors(prepared, cfg.ingest.max_atoms),
+                                                  np.asarray(split.train)), device=device)
+
+    def desc(idx) -> torch.Tensor | None:
+        return None if D is None else D[torch.as_tensor(idx, device=device)]
+
     seed_everything(seed)
-    built = build_property_model(cfg, data.n_tasks, seed, encoder=encoder, device=device)
+    built = build_property_model(cfg, data.n_tasks, seed, encoder=encoder, device=device,
+                                 n_descriptors=0 if D is None else int(D.shape[1]))
     model = built.model
     frozen = ft.freeze_encoder or ft.lr_encoder == 0.0
 
@@ -385,12 +425,12 @@ def finetune_seed(
         outs = []
         with torch.no_grad():
             if emb is not None:
-                outs.append(model.head(emb[torch.as_tensor(idx, device=device)]))
+                outs.append(model.head_on(emb[torch.as_tensor(idx, device=device)], desc(idx)))
             else:
                 if part not in eval_batches:  # valid / test batches are built once
                     eval_batches[part] = [(b, _pyg(prepared.graphs, b, device))
                                           for b in make_batches(idx, ft.eval_batch_size)]
-                outs += [model(g) for _, g in eval_batches[part]]
+                outs += [model(g, desc(b)) for b, g in eval_batches[part]]
         out = (torch.cat(outs) if outs else torch.zeros((0, data.n_tasks), device=device)).double()
         if task_type == "classification":
             return torch.sigmoid(out).cpu().numpy()
@@ -420,7 +460,8 @@ def finetune_seed(
             yb, mb = Y[bt], M[bt]
             if not bool(mb.any()):
                 continue
-            out = model.head(emb[bt]) if emb is not None else model(_pyg(prepared.graphs, b, device))
+            out = model.head_on(emb[bt], desc(b)) if emb is not None else \
+                model(_pyg(prepared.graphs, b, device), desc(b))
             loss = masked_loss(out, yb, mb, task_type)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -77,6 +77,17 @@ def variant_config(cfg: PipelineConfig, label: str) -> PipelineConfig:
         raise ConfigError(f"ablation.variants.{label}: {_format_validation_error(e)}") from None
 
 
+def finetune_variant(cfg: PipelineConfig, suffix: str) -> dict[str, Any]:
+    """The finetune section with ``ablation.finetune_variants[suffix]`` applied, validated (the key named)."""
+    from lardo_ray.finetune.settings import FinetuneConfig
+
+    data = apply_overrides({"finetune": cfg.finetune.model_dump(mode="json")}, cfg.ablation.finetune_variants[suffix])
+    try:
+        return FinetuneConfig.model_validate(data["finetune"]).model_dump()
+    except ValidationError as e:
+        raise ConfigError(f"ablation.finetune_variants.{suffix}: {_format_validation_error(e)}") from None
+
+
 def run_ablation(cfg: PipelineConfig) -> AblationResult:
     from lardo_ray.stages.compare import compare
     from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
@@ -89,6 +100,7 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
 
         resolve_executable(cfg.ablation.chemprop)  # fail before hours of pre-training, not after
     variants = {label: variant_config(cfg, label) for label in cfg.ablation.variants}  # all validated up front
+    heads = {suffix: finetune_variant(cfg, suffix) for suffix in cfg.ablation.finetune_variants}
     result = AblationResult(output_dir=cfg.run.output_dir)
     show = cfg.run.progress
     for label, vcfg in variants.items():
@@ -117,15 +129,19 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
             log.error("ablate: variant %s failed: %s", label, result.variant_errors[label])
         result.encoders[label] = export
         result.seconds[label] = time.time() - t0
-    methods: list[tuple[str, str | None]] = list(result.encoders.items())
+    methods: list[tuple] = list(result.encoders.items())
     if cfg.ablation.scratch:
         result.encoders["scratch"] = None
         methods.append(("scratch", None))
+    for label, enc in list(methods):
+        for suffix, ft_update in heads.items():
+            methods.append((label + suffix, enc, ft_update))
+            result.encoders[label + suffix] = enc
     for kind in dict.fromkeys(cfg.ablation.baselines + cfg.finetune.baselines):
         methods.append(baseline_method(kind))
         result.encoders[kind] = None
     if show:
-        print(f"\n=== fine-tune grid: {', '.join(m for m, _ in methods)} on {cfg.finetune.dataset} ===", flush=True)
+        print(f"\n=== fine-tune grid: {', '.join(m[0] for m in methods)} on {cfg.finetune.dataset} ===", flush=True)
     t0 = time.time()
     result.grid = run_finetune_grid(cfg, methods)
     result.seconds["finetune"] = time.time() - t0

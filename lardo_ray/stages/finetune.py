@@ -350,6 +350,8 @@ def _architecture(cfg: PipelineConfig, enc: EncoderSource | None, baseline: str 
     probe = "frozen encoder (probe)" if ft.freeze_encoder or ft.lr_encoder == 0 else \
         f"lr head {ft.lr_head:g} / encoder {ft.lr_encoder:g}"
     mode = "; one model per target" if ft.task_mode == "per_target" else ""
+    if ft.dsm_features != "none":
+        mode += "; RDKit descriptors (CDF on the training rows) into the head"
     return (f"GINE {c.get('num_layers')} x {c.get('hidden')} ({c.get('pooling')} pool, jk {c.get('jk')}) + "
             f"MLP head {ft.head_hidden}; {ft.epochs} epochs, batch {ft.batch_size}, {probe}{mode}")
 
@@ -504,6 +506,13 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         p = prepared[g.dataset_key]
         for s in g.cfg.finetune.seeds:
             g.splits[s] = split_for(p, g.cfg.finetune, s)
+        if g.cfg.finetune.dsm_features != "none" and p.descriptors is None:  # once, shipped with the graphs
+            from lardo_ray.finetune.train import dsm_descriptors
+
+            t_d = time.perf_counter()
+            X = dsm_descriptors(p, cfg.ingest.max_atoms)
+            _progress(cfg, f"{g.dataset_key}: {X.shape[1]} DSM descriptors per molecule for the head "
+                           f"in {time.perf_counter() - t_d:.1f} s")
 
     # classical baselines: their features once per (dataset, kind), shared by every seed
     features: dict[tuple[str, str], Any] = {}
@@ -665,12 +674,21 @@ def baseline_method(kind: str) -> tuple[str, str]:
     return kind, BASELINE_PREFIX + kind
 
 
+_SPLIT_KEYS = ("dataset", "data_path", "split", "split_column", "split_sizes", "seeds", "limit", "label_columns",
+               "smiles_column", "drop_unlabelled")
+
+
 def _group(cfg: PipelineConfig, method: str | None = None, encoder: Any = "__cfg__",
-           dataset: Any = "__cfg__") -> _Group:
+           dataset: Any = "__cfg__", finetune: dict[str, Any] | None = None) -> _Group:
     baseline = None
     if isinstance(encoder, str) and encoder.startswith(BASELINE_PREFIX):
         baseline, encoder = encoder[len(BASELINE_PREFIX):], None
     update: dict[str, Any] = {}
+    if finetune:
+        changed = [k for k in _SPLIT_KEYS if k in finetune and finetune[k] != getattr(cfg.finetune, k)]
+        if changed:  # every method of a grid is scored on the same molecules
+            raise ValueError(f"method {method!r}: finetune.{', finetune.'.join(changed)} must be the grid's")
+        update.update({k: v for k, v in finetune.items() if k not in _SPLIT_KEYS})
     if dataset != "__cfg__":
         update["dataset"] = dataset
     if encoder != "__cfg__":
@@ -695,7 +713,7 @@ def run_finetune(cfg: PipelineConfig, tracker: Tracker | None = None, *, use_ray
 
 def run_finetune_grid(
     cfg: PipelineConfig,
-    methods: Sequence[tuple[str, str | None]],
+    methods: Sequence[tuple[str, str | None] | tuple[str, str | None, dict[str, Any]]],
     datasets: Sequence[str] | None = None,
     tracker: Tracker | None = None,
     *,
@@ -705,6 +723,8 @@ def run_finetune_grid(
 
     ``methods``: (label, encoder) pairs, encoder = a local export dir, ``runs:/...``, ``models:/...`` or None
     (random init from ``cfg.model``), e.g. ``[("lardo", "runs:/abc/encoder"), ("random-init", None)]``.
+    A third element, a dict of ``finetune`` fields, gives that method its own fine-tuning settings (e.g.
+    ``{"dsm_features": "all"}``); the split settings must stay those of ``cfg``.
     ``datasets``: card names (``finetune.data_path`` may be a directory holding their files); None = only
     ``cfg.finetune.dataset``. All seed runs of all pairs are submitted at once."""
     t0 = time.perf_counter()
@@ -720,7 +740,8 @@ def run_finetune_grid(
     if len(ds_list) > 1 and (cfg.finetune.label_columns or cfg.finetune.smiles_column):
         raise ConfigError("run_finetune_grid: finetune.label_columns / smiles_column apply to one dataset only")
     try:
-        groups = [_group(cfg, method=label, encoder=enc, dataset=ds) for ds in ds_list for label, enc in methods]
+        groups = [_group(cfg, method=m[0], encoder=m[1], dataset=ds, finetune=m[2] if len(m) > 2 else None)
+                  for ds in ds_list for m in methods]
     except ValueError as e:
         raise ConfigError(f"run_finetune_grid: {e}") from None
     results = _run_groups(cfg, groups, tracker, use_ray)

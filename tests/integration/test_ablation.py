@@ -25,6 +25,8 @@ ablation:
   variants:
     rules: [describe.variant=full]
     rules_no_stage1: [describe.variant=no_stage1]
+  baselines: [rf_dsm]
+  finetune_variants: {{"+dsm": [finetune.dsm_features=all]}}
 tracking: {{tracking_uri: "sqlite:///{out}/mlflow.db", experiment: abl}}
 """
 
@@ -47,6 +49,13 @@ def test_variant_with_a_wrong_override_is_named(config):
         variant_config(cfg, "bad")
     with pytest.raises(ConfigError, match="ablation.variants"):
         load_config(config, ["ablation.variants={scratch: []}"])
+    from lardo_ray.stages.ablation import finetune_variant
+
+    with pytest.raises(ConfigError, match=r"finetune_variants.*only finetune.KEY=VALUE.*describe.backend"):
+        load_config(config, ["ablation.finetune_variants={x: [describe.backend=rules]}"])
+    cfg = load_config(config, ["ablation.finetune_variants={x: [finetune.dsm_features=some]}"])
+    with pytest.raises(ConfigError, match=r"(?s)ablation.finetune_variants.x.*dsm_features"):
+        finetune_variant(cfg, "x")
 
 
 @pytest.mark.slow
@@ -69,6 +78,16 @@ def test_ablate_grid_shares_dsm_and_compares_every_method(config, tmp_path):
     assert texts["rules"] != texts["rules_no_stage1"]  # the variants really wrote different text
     table = r.stdout[r.stdout.index("| Dataset"):]
     header = table.splitlines()[0]
-    for method in ("rules", "rules_no_stage1", "scratch"):
-        assert method in header, table
+    for method in ("rules", "rules_no_stage1", "scratch", "rules+dsm", "rules_no_stage1+dsm", "scratch+dsm",
+                   "rf_dsm"):
+        assert f" {method} |" in header, table
+    # the +dsm methods fine-tune the same encoders with the DSM descriptors in the head, on the same split
+    from lardo_ray.stages.compare import search_finetune_runs
+    from lardo_ray.finetune.settings import CompareConfig
+
+    runs = search_finetune_runs(CompareConfig(experiment="abl", tracking_uri=f"sqlite:///{out}/mlflow.db"))[0]
+    parents = runs[runs["tags.lardo.role"] == "parent"].set_index("tags.lardo.method")
+    assert parents.loc["rules+dsm", "params.dsm_features"] == "all"
+    assert parents.loc["rules", "params.dsm_features"] == "none"
+    assert parents.loc["rules+dsm", "tags.lardo.encoder"] == parents.loc["rules", "tags.lardo.encoder"] != ""
     assert (out / "compare" / "comparison.png").stat().st_size > 0

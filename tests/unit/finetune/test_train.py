@@ -294,3 +294,47 @@ def test_per_target_mode_is_one_model_per_target_on_its_labelled_rows(tmp_path):
 
     multi = finetune_seed(cfg_of(*common, "finetune.label_columns=[a,b]"), 0, prepared=prepared, split=split)
     assert multi.task_mode == "multitask" and not np.array_equal(multi.test_pred, r.test_pred)
+
+
+def test_descriptor_cdf_is_fitted_on_training_rows_only():
+    from lardo_ray.finetune.train import normalise_descriptors
+
+    rng = np.random.default_rng(0)
+    X = rng.lognormal(size=(200, 3)).astype(np.float32)
+    X[5, 1] = np.nan
+    X[:, 2] = 7.0  # a constant descriptor
+    train = np.arange(150)
+    out = normalise_descriptors(X, train)
+    assert out.dtype == np.float32 and out.shape == X.shape
+    assert ((out >= 0) & (out <= 1)).all() and out[5, 1] == 0.5  # missing: the middle of the distribution
+    X2 = X.copy()
+    X2[150:] *= 1000.0  # valid / test rows moved far away: the training rows' transform must not change
+    out2 = normalise_descriptors(X2, train)
+    np.testing.assert_array_equal(out[:150], out2[:150])
+    assert (out2[150:, 0] == 1.0).all()  # beyond every training value
+
+
+def test_dsm_features_reach_the_head():
+    """dsm_features=all: the head reads the molecule's descriptors; changing a test molecule's descriptors
+    changes its prediction, and nothing else."""
+    cfg = cfg_of("finetune.limit=300", "finetune.epochs=2", "finetune.dsm_features=all")
+    prepared = prepare_task(cfg.finetune)
+    split = split_for(prepared, cfg.finetune, 0)
+    r = finetune_seed(cfg, 0, prepared=prepared, split=split, keep_model=True)
+    X = prepared.descriptors
+    assert X is not None and X.shape[0] == len(prepared) and X.shape[1] > 200
+    assert r.model.n_descriptors == X.shape[1]
+    assert r.model.head[0].in_features == r.model.encoder.out_dim + X.shape[1]
+    again = finetune_seed(cfg, 0, prepared=prepared, split=split)
+    np.testing.assert_array_equal(r.test_pred, again.test_pred)
+    moved = X.copy()
+    moved[split.test[0]] = np.nanmax(X[split.train], axis=0) * 10  # one test molecule's descriptors, nothing else
+    prepared.descriptors = moved
+    try:
+        other = finetune_seed(cfg, 0, prepared=prepared, split=split)
+    finally:
+        prepared.descriptors = X
+    assert other.test_pred[0, 0] != r.test_pred[0, 0]
+    np.testing.assert_array_equal(other.test_pred[1:], r.test_pred[1:])
+    plain = finetune_seed(cfg_of("finetune.limit=300", "finetune.epochs=2"), 0, prepared=prepared, split=split)
+    assert not np.array_equal(plain.test_pred, r.test_pred)
