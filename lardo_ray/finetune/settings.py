@@ -264,6 +264,10 @@ class CompareConfig(Section):
         default=1000, ge=0, description="paired bootstrap resamples of the test molecules for the interval of "
         "(best pre-trained method - best baseline) per dataset; 0 = off"
     )
+    ensemble: bool = Field(
+        default=True, description="also score each method's seed ensemble (test predictions averaged over seeds), "
+        "in a second table and the CSV's 'ensemble' column"
+    )
     baseline_methods: list[str] = Field(
         default_factory=lambda: ["rf_dsm", "rf_ecfp", "chemprop", "scratch", "random-init"],
         description="methods counted as baselines (no pre-training) in the bootstrap comparison; a method whose "

@@ -53,7 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 from lardo_ray import fs
 from lardo_ray.config_base import ConfigError
-from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, default_metric, higher_is_better, mean_std
+from lardo_ray.finetune.metrics import (
+    METRIC_LABELS,
+    MeanStd,
+    default_metric,
+    evaluate,
+    higher_is_better,
+    mean_std,
+)
 from lardo_ray.finetune.settings import CompareConfig
 from lardo_ray.finetune.splits import describe_split
 
@@ -580,7 +587,15 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
     footnotes += [f"Note: {n}" for n in notes]
     wide, md = _wide_and_markdown(table, title, footnotes)
 
-    boot = bootstrap_comparisons(children, table, cfg, uri, notes) if cfg.bootstrap and cfg.subset == "test" else []
+    predictions = _Predictions(uri)
+    table["ensemble"] = float("nan")
+    if cfg.ensemble and cfg.subset == "test":
+        for i, v in seed_ensembles(children, table, predictions, notes).items():
+            table.loc[i, "ensemble"] = v
+        if table["ensemble"].notna().any():
+            md += "\n" + ensemble_markdown(table) + "\n"
+    boot = bootstrap_comparisons(children, table, cfg, uri, notes, predictions) \
+        if cfg.bootstrap and cfg.subset == "test" else []
     if boot:
         md += "\n\n" + bootstrap_markdown(boot, cfg.bootstrap)
     # Written in a local directory (matplotlib and MLflow need local files), then uploaded when
@@ -611,13 +626,93 @@ def compare(cfg: CompareConfig, *, published: dict[str, dict[str, Any]] | None =
                          local_files=local_files, bootstrap=boot)
 
 
-def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: list[str]) -> list:
+class _Predictions:
+    """Each seed run's logged test predictions (Parquet artifacts), downloaded once per run."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._cache: dict[str, Any] = {}
+
+    def tables(self, name: str, runs) -> list:
+        import mlflow
+        import pandas as pd
+
+        out = []
+        for rid, run in runs.iterrows():
+            if rid not in self._cache:
+                art = run.get(f"tags.{TAG_PREDICTIONS}")
+                if not _present(art):
+                    raise ValueError(f"run {rid} of {name} logged no test predictions")
+                with _tracking_uri(self.uri):
+                    local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=str(art),
+                                                                tracking_uri=self.uri)
+                self._cache[rid] = pd.read_parquet(local)
+            out.append(self._cache[rid])
+        return out
+
+
+def seed_ensembles(children, table, predictions: _Predictions, notes: list[str]) -> dict[int, float]:
+    """Per measured cell (index of ``table``): the test score of its seeds' predictions averaged (a seed
+    ensemble), with the same metric code. Cells whose runs logged no predictions are left out, and said."""
+    from lardo_ray.finetune.bootstrap import seed_average
+
+    out: dict[int, float] = {}
+    by_id = children.set_index("run_id") if len(children) else None
+    missing = []
+    for i, r in table.iterrows():
+        if r["published"] or r["source"] != "runs" or by_id is None:
+            continue
+        ids = [x for x in str(r["run_ids"]).split(";") if x and x in by_id.index]
+        if len(ids) < 2:
+            continue
+        try:
+            rows, y, pred, tasks = seed_average(predictions.tables(str(r["method"]), by_id.loc[ids]))
+        except Exception as e:  # noqa: BLE001 - no predictions: no ensemble cell, the rest stands
+            missing.append(f"{r['dataset']}/{r['method']} ({type(e).__name__})")
+            continue
+        task_type = "classification" if r["metric"] == "roc_auc" else "regression"
+        out[i] = evaluate(task_type, y, pred, tasks, str(r["metric"])).value
+    if missing:
+        notes.append("no seed ensemble (no logged test predictions): " + ", ".join(missing[:10]))
+    return out
+
+
+def ensemble_markdown(table) -> str:
+    """Datasets x methods: single models (mean over seeds) next to the seed ensemble."""
+    sub = table[table["ensemble"].notna()]
+    if sub.empty:
+        return ""
+    methods = sorted(dict.fromkeys(sub["method"]), key=str.lower)
+    lines = ["**Seed ensembles** (each method's test predictions averaged over its seeds, then scored; the "
+             "single-model mean over seeds in brackets; best ensemble per dataset in bold)", "",
+             "| Dataset | Metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for ds in sorted(dict.fromkeys(sub["dataset"]), key=_dataset_order):
+        rows = sub[sub["dataset"] == ds]
+        metric = str(rows["metric"].iloc[0])
+        scale, d, _ = _scale(metric)
+        best = rows["ensemble"].max() if higher_is_better(metric) else rows["ensemble"].min()
+        cells = []
+        for m in methods:
+            hit = rows[rows["method"] == m]
+            if hit.empty:
+                cells.append("–")
+                continue
+            e, single = float(hit["ensemble"].iloc[0]), float(hit["mean"].iloc[0])
+            text = f"{e * scale:.{d}f} ({single * scale:.{d}f})"
+            cells.append(f"**{text}**" if abs(e - best) <= 1e-12 else text)
+        lines.append(f"| {_dataset_display(ds)} | {METRIC_LABELS.get(metric, metric)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: list[str],
+                          predictions: _Predictions | None = None) -> list:
     """Per dataset: the best pre-trained method and the best baseline, each chosen on its mean validation
     score (never on test), compared by a paired bootstrap of their seed-averaged test predictions."""
-    import mlflow
     import pandas as pd
 
     from lardo_ray.finetune.bootstrap import paired_bootstrap, seed_average
+
+    predictions = predictions or _Predictions(uri)
 
     out = []
     by_id = children.set_index("run_id") if len(children) else None
@@ -650,18 +745,7 @@ def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: 
                 notes.append(f"{ds}: no {'baseline' if a else 'pre-trained method'} to bootstrap against")
             continue
         try:
-            sides = []
-            for _, name, runs in (a, b):
-                tables = []
-                for rid, run in runs.iterrows():
-                    art = run.get(f"tags.{TAG_PREDICTIONS}")
-                    if not _present(art):
-                        raise ValueError(f"run {rid} of {name} logged no test predictions")
-                    with _tracking_uri(uri):
-                        local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=str(art),
-                                                                    tracking_uri=uri)
-                    tables.append(pd.read_parquet(local))
-                sides.append(seed_average(tables))
+            sides = [seed_average(predictions.tables(name, runs)) for _, name, runs in (a, b)]
             task_type = "classification" if metric == "roc_auc" else "regression"
             out.append(paired_bootstrap(ds, task_type, metric, sides[0], sides[1], (a[1], b[1]), cfg.bootstrap))
         except Exception as e:  # noqa: BLE001 - a missing artifact costs the interval, not the table

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from lardo_ray.config import load_config
 from lardo_ray.finetune.settings import CompareConfig
 from lardo_ray.models.gine import GINEEncoder, save_encoder
 from lardo_ray.stages.compare import compare
+from lardo_ray.finetune.train import prepare_task
 from lardo_ray.stages.finetune import run_finetune, run_finetune_grid
 from tests.conftest import SAMPLE
 
@@ -245,3 +247,16 @@ def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, s
     lardo = grid.get(b.dataset, "lardo")
     assert b.n_test == lardo.seeds[0].n_test and "95 % interval" in res.markdown
     assert os.path.isfile(tmp_path / "cmp" / "comparison_bootstrap.csv")
+    # seed ensembles: each method's seed-averaged test predictions, scored by the same metric code
+    from lardo_ray.finetune.metrics import evaluate
+
+    scratch = grid.get(b.dataset, "scratch")
+    mean_pred = np.mean([s.test_pred for s in scratch.seeds], axis=0)
+    rows = scratch.seeds[0].test_index
+    p = prepare_task(cfg.finetune)
+    expect = evaluate("classification", p.data.labels[rows], mean_pred.astype(np.float64), p.data.task_names,
+                      "roc_auc").value
+    t = res.table.set_index("method")
+    assert t.loc["scratch", "ensemble"] == pytest.approx(expect, abs=1e-6)
+    assert t.loc[["lardo", "rf_dsm", "rf_ecfp"], "ensemble"].notna().all()
+    assert "**Seed ensembles**" in res.markdown
