@@ -70,6 +70,60 @@ class EmbedWorker(ShardWorker):
         return [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEMPLATE_ID]
 
 
+def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How much the text side can tell molecules apart (what contrastive pre-training aligns graphs to).
+
+    * ``text_distinct``: distinct descriptions / molecules (1.0: every molecule its own text);
+    * ``text_mean_cosine``: mean pairwise cosine between the distinct texts' embeddings (a frozen sentence
+      encoder reads "LogP (Crippen): 3.37 ..." for every molecule almost alike: near 1 = little signal);
+    * ``text_effective_rank``: exp(entropy) of the centred embeddings' singular values (how many directions
+      the texts really vary in).
+    A sample of at most ``max_rows`` distinct texts keeps this cheap on millions of rows."""
+    import numpy as np
+
+    n = len(hashes)
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h is not None and h not in first and vectors[i] is not None:
+            first[h] = i
+    idx = np.asarray(sorted(first.values()), dtype=np.int64)
+    out = {"text_distinct": len(first) / max(n, 1)}
+    if len(idx) < 2:
+        return out
+    if len(idx) > max_rows:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_rows, replace=False))
+    X = np.asarray([vectors[i] for i in idx], dtype=np.float64)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    sims = X @ X.T
+    m = len(X)
+    out["text_mean_cosine"] = float((sims.sum() - np.trace(sims)) / (m * (m - 1)))
+    sv = np.linalg.svd(X - X.mean(axis=0), compute_uv=False)
+    p = sv / max(sv.sum(), 1e-12)
+    p = p[p > 0]
+    out["text_effective_rank"] = float(np.exp(-(p * np.log(p)).sum()))
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _text_signal_summary(out, chunk_ids: list[str]) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    from lardo_ray import fs
+
+    vectors, hashes = [], []
+    for c in chunk_ids:
+        filesystem, path = fs.filesystem_and_path(out.data_path(c))
+        t = pq.read_table(path, filesystem=filesystem, columns=[DESCRIPTION_HASH, schema.TEXT_EMBEDDING])
+        hashes += t.column(DESCRIPTION_HASH).to_pylist()
+        vectors += t.column(schema.TEXT_EMBEDDING).to_pylist()
+        if len(hashes) >= 50_000:  # enough to measure; the rest of a large corpus is no different
+            break
+    try:
+        return text_signal(vectors, hashes)
+    except Exception as e:  # noqa: BLE001 - a diagnostic must never fail the stage
+        log.warning("embed: text signal not measured: %s", e)
+        return {}
+
+
 def run_embed(cfg: PipelineConfig, tracker=None) -> StageSummary:
     return run_derived_stage(cfg, STAGE, "describe", EmbedWorker, cfg.embed.ray,
-                             sections=("embed", "model"), tracker=tracker)
+                             sections=("embed", "model"), tracker=tracker, extra_summary=_text_signal_summary)

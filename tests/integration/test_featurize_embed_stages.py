@@ -84,3 +84,5 @@ def test_embed_once_per_description(ray_local, tmp_path):
     assert vecs[2] is None and len(vecs[0]) == 384
     assert vecs[0] == vecs[3] and vecs[0] != vecs[1]
     assert abs(float(np.linalg.norm(vecs[0])) - 1.0) < 1e-4
+    # the summary says how distinct the texts are: 2 distinct of 8 rows (two are null)
+    assert s.extra["text_distinct"] == 0.25 and 0.0 < s.extra["text_mean_cosine"] < 1.0
