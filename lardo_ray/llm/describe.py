@@ -25,7 +25,7 @@ import pyarrow as pa
 from lardo_ray.chem.descriptors import DescriptorCalculator, registry
 from lardo_ray.llm.backends.base import DescribeRecord, Generation, LLMBackend, Messages, create_backend
 from lardo_ray.llm.backends.rules import RulesBackend
-from lardo_ray.llm.postcheck import CHECKABLE, PostcheckResult, check, correct
+from lardo_ray.llm.postcheck import CHECKABLE, PostcheckResult, check, correct, corrections
 from lardo_ray.llm.prompts import PROMPT_VERSION, PromptBuilder
 from lardo_ray.llm.settings import DescribeConfig
 from lardo_ray.llm.stage1 import Template, generic_template
@@ -49,6 +49,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("n_claims_before", pa.int64()),
     ("n_wrong_before", pa.int64()),
     ("n_regenerations", pa.int64()),
+    ("n_corrected", pa.int64()),
+    ("n_undecidable_before", pa.int64()),
+    ("claims_by_kind", pa.string()),
     ("wrong_claims", pa.string()),
     ("error", pa.string()),
     ("cache_key", pa.string()),
@@ -234,8 +237,8 @@ class DescribeStage2:
             return [Generation.failed(f"backend error: {type(e).__name__}: {str(e)[:300]}") for _ in records]
 
     # ---------------------------------------------------------------------------------------- post
-    def _check(self, text: str | None, values: dict[str, float]) -> PostcheckResult:
-        return check(text, values, self.cfg.rel_tolerance, self.cfg.abs_tolerance)
+    def _check(self, text: str | None, values: dict[str, float], smiles: str | None = None) -> PostcheckResult:
+        return check(text, values, self.cfg.rel_tolerance, self.cfg.abs_tolerance, smiles=smiles)
 
     def finish(self, batch: pa.Table, prepared: Prepared, gens: dict[int, Generation]) -> pa.Table:
         cfg, n = self.cfg, batch.num_rows
@@ -263,7 +266,7 @@ class DescribeStage2:
                 if texts[i] is None:
                     continue
                 if prepared.use_llm[i]:
-                    before[i] = self._check(texts[i], prepared.values[i])
+                    before[i] = self._check(texts[i], prepared.values[i], prepared.extra["smiles"][i])
                 else:  # the rules writer states DSM values only: count them instead of re-parsing its text
                     before[i] = PostcheckResult(RulesBackend.stated(prepared.records[i]), 0)
         current = list(before)  # the post-check of texts[i] as it stands
@@ -281,28 +284,35 @@ class DescribeStage2:
                     ctok[i] += g.completion_tokens
                     lat[i] += g.latency_s
                     if g.error is None and g.text:
-                        res = self._check(g.text, prepared.values[i])
+                        res = self._check(g.text, prepared.values[i], prepared.extra["smiles"][i])
                         if res.n_wrong < current[i].n_wrong:
                             current[i], texts[i] = res, g.text
 
         after: list[PostcheckResult | None] = [None] * n
+        n_corrected = [0] * n
         for i in range(n):
             if texts[i] is None or mode == "off":
                 continue
             res = current[i]
-            if mode in ("correct", "regenerate") and res.n_wrong:
-                texts[i] = correct(texts[i], prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance)
-                res = self._check(texts[i], prepared.values[i])
+            if mode in ("correct", "regenerate") and res.n_wrong and prepared.use_llm[i]:
+                smiles = prepared.extra["smiles"][i]
+                fixes = corrections(res)
+                if fixes:
+                    texts[i] = correct(texts[i], prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance,
+                                       smiles=smiles)
+                    n_corrected[i] = len(fixes)
+                    res = self._check(texts[i], prepared.values[i], smiles)
             after[i] = res
 
-        return self._table(batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens)
+        return self._table(batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens, n_corrected)
 
-    def _table(self, batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens) -> pa.Table:
+    def _table(self, batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens,
+               n_corrected=None) -> pa.Table:
         n = batch.num_rows
         cfg = self.cfg
         llm_sampling = self.sampling.key()
         tid = self.template.template_id
-        backend_col, model_col, samp_col, keys, wrong_json = [], [], [], [], []
+        backend_col, model_col, samp_col, keys, wrong_json, kinds_json = [], [], [], [], [], []
         extra = [cfg.prompt_set, cfg.variant, cfg.postcheck, str(PROMPT_VERSION)]
         for i in range(n):
             b = self.backend if prepared.use_llm[i] else self.rules
@@ -312,11 +322,9 @@ class DescribeStage2:
             samp_col.append(samp)
             s = prepared.extra["smiles"][i]
             keys.append(cache_key(s, tid, b.model, samp, b.name, *extra) if s else None)
-            wr = before[i].wrong() if before[i] is not None else []
-            wrong_json.append(
-                json.dumps([{"descriptor": d.descriptor, "claimed": d.claimed, "true": round(d.true, 4)} for d in wr])
-                if before[i] is not None else None
-            )
+            wrong_json.append(json.dumps(before[i].wrong_dicts(), default=str) if before[i] is not None else None)
+            kinds_json.append(json.dumps(before[i].by_kind()) if before[i] is not None and before[i].details
+                              + before[i].structural else None)
 
         def ints(results, attr):
             return [getattr(r, attr) if r is not None else None for r in results]
@@ -337,6 +345,9 @@ class DescribeStage2:
             "n_claims_before": ints(before, "n_claims"),
             "n_wrong_before": ints(before, "n_wrong"),
             "n_regenerations": regens,
+            "n_corrected": n_corrected or [0] * n,
+            "n_undecidable_before": [r.n_undecidable if r is not None else None for r in before],
+            "claims_by_kind": kinds_json,
             "wrong_claims": wrong_json,
             "error": errors,
             "cache_key": keys,

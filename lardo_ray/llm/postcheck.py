@@ -1,21 +1,29 @@
-"""Numeric post-check: find property values stated in a description and compare them with the DSM values.
+"""Post-check: find the claims a description makes about its molecule and judge each against the truth.
 
-``check(text, values)`` finds claims such as "logP of 3.2", "molecular weight: 310 g/mol", "TPSA is 45 Å²",
-"2 hydrogen bond donors", "no rotatable bonds", "a weight of 250 g/mol"; thresholds and ranges ("TPSA below
-90", "logP 1 to 3", "fewer than 5 donors") are not claims. Counts must match exactly; continuous values within
-``max(rel_tolerance * |true|, abs_tolerance, rounding of the stated number)``. ``correct(text, values)``
-rewrites the wrong numbers with the true ones. Regenerating is the caller's decision.
+``check(text, values, smiles=...)`` finds numeric claims such as "logP of 3.2", "molecular weight: 310 g/mol",
+"TPSA is 45 Å²", "2 hydrogen bond donors", "no rotatable bonds", "1 ring", "Fsp3 of 45 %", and, given the
+molecule's SMILES, the structural claims of ``lardo_ray.llm.claims`` (formula, atom counts, charge,
+functional groups, compound classes). Thresholds and ranges ("TPSA below 90", "logP 1 to 3", "fewer than 5
+donors") are not claims. Counts must match exactly; a continuous value must be the true value rounded as the
+number is written ("3.37" within 0.005, "310 g/mol" within 0.5; "about 300" within 50): the prompt gives the
+exact values, so nothing looser is right (``rel_tolerance`` / ``abs_tolerance`` loosen it on purpose).
+``correct(text, values, smiles=...)`` rewrites what can be rewritten (numbers, counts, formulas); a wrong
+functional group or class cannot be, and is left for ``regenerate``.
 
+Each claim carries its type (``kind``: numeric, ring_count, aromatic_rings, hbd, hba, rotatable_bonds,
+stereocentres, heavy_atoms, formula, element_count, formal_charge, functional_group, compound_class), the
+stated and the true value and a verdict; an undecidable claim is counted apart, never as right.
 The extractor is deliberately conservative: an unusual phrasing is missed rather than misread, so
-``n_wrong`` is a lower bound on hallucinated numbers, not an upper one.
+``n_wrong`` is a lower bound on hallucinations, not an upper one.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from lardo_ray.llm.claims import StructuralClaim, facts, structural_claims
 from lardo_ray.llm.prompts import decimals_of, is_count
 
 # descriptor -> regex alternatives naming it (case-insensitive). Longer alternatives win at a position.
@@ -37,7 +45,7 @@ MENTIONS: dict[str, list[str]] = {
     "NumAliphaticRings": [r"aliphatic\s+rings?"],
     "NumSaturatedRings": [r"saturated\s+rings?"],
     "NumHeterocycles": [r"heterocycles?"],
-    "RingCount": [r"ring\s+count", r"number\s+of\s+rings", r"rings"],
+    "RingCount": [r"ring\s+count", r"number\s+of\s+rings", r"rings?"],
     "HeavyAtomCount": [r"heavy\s+atoms?(?:\s+count)?", r"heavy\s+atom\s+count", r"non-hydrogen\s+atoms"],
     "NumHeteroatoms": [r"heteroatoms?"],
     "NumValenceElectrons": [r"valence\s+electrons"],
@@ -61,13 +69,26 @@ BLOCKERS = [r"log\s?d(?:7\.4)?", r"log\s?s", r"pka", r"pkb", r"ic50", r"ec50", r
             r"free\s+energy", r"kcal/mol", r"heavy\s+metal"]
 MENTIONS[""] = BLOCKERS
 # "N rings" only as a count right before the word; "rings" alone after a number would be RingCount.
-_COUNT_ONLY = {("RingCount", "rings")}
+_COUNT_ONLY = {("RingCount", "rings?")}
 CHECKABLE = [d for d in MENTIONS if d]
 
 _UNIT = r"(?:g\s*/\s*mol|g\s*mol-1|g·mol⁻¹|k?da(?:ltons?)?\b|å²|å2|å\^2|a\^2|Å²|square\s+angstroms?)"
 _UNIT_RE = re.compile(r"\s*(" + _UNIT + r")", re.I)
 _WORDS = {"no": 0, "zero": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-          "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
+          "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
+          "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19,
+          "twenty": 20}
+# descriptors that are fractions: "45 %" states 0.45
+_FRACTIONS = {"FractionCSP3"}
+_PERCENT_RE = re.compile(r"\s*(?:%|percent\b|per\s+cent\b)", re.I)
+_APPROX_RE = re.compile(r"(?:approximately|approx\.?|about|around|roughly|nearly|close\s+to|some|~|≈|circa|ca\.)\s*$",
+                        re.I)
+# numeric descriptors that are structural counts: their claim type, and RDKit truth when the prompt had none
+KINDS = {"RingCount": "ring_count", "NumAromaticRings": "aromatic_rings", "NumHDonors": "hbd",
+         "NumHAcceptors": "hba", "NumRotatableBonds": "rotatable_bonds", "NumStereoCenters": "stereocentres",
+         "HeavyAtomCount": "heavy_atoms"}
+CLAIM_KINDS = ["numeric", *KINDS.values(), "formula", "element_count", "formal_charge", "functional_group",
+               "compound_class"]
 _NUM_RE = re.compile(r"(?<![\w.])([-−]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[-−]?\d+(?:\.\d+)?)(?![\w]|\.\d)")
 _WORD_RE = re.compile(r"\b(" + "|".join(sorted(_WORDS, key=len, reverse=True)) + r")\b", re.I)
 _THRESHOLD_CTX = re.compile(
@@ -86,24 +107,54 @@ class ClaimCheck:
     descriptor: str
     claimed: float
     true: float | None
-    ok: bool | None  # None: no DSM value to compare with (not counted)
+    ok: bool | None  # None: no value to compare with (undecidable, counted apart)
     start: int
     end: int
     text: str
-    form: str  # value | count | unit
+    form: str  # value | count | unit | percent
+    approximate: bool = False  # "about 300": rounded to its significant digits
+
+    @property
+    def kind(self) -> str:
+        return KINDS.get(self.descriptor, "numeric")
 
 
 @dataclass
 class PostcheckResult:
-    n_claims: int
+    n_claims: int  # decided claims (right or wrong), numeric and structural
     n_wrong: int
     details: list[ClaimCheck] = field(default_factory=list)
+    structural: list[StructuralClaim] = field(default_factory=list)
 
     def wrong(self) -> list[ClaimCheck]:
         return [d for d in self.details if d.ok is False]
 
-    def to_dicts(self) -> list[dict]:
-        return [asdict(d) for d in self.details]
+    def wrong_structural(self) -> list[StructuralClaim]:
+        return [c for c in self.structural if c.ok is False]
+
+    @property
+    def n_undecidable(self) -> int:
+        return sum(1 for d in self.details if d.ok is None) + sum(1 for c in self.structural if c.ok is None)
+
+    def by_kind(self) -> dict[str, list[int]]:
+        """kind -> [decided claims, wrong, undecidable]."""
+        out: dict[str, list[int]] = {}
+        for kind, ok in [(d.kind, d.ok) for d in self.details] + [(c.kind, c.ok) for c in self.structural]:
+            row = out.setdefault(kind, [0, 0, 0])
+            if ok is None:
+                row[2] += 1
+            else:
+                row[0] += 1
+                row[1] += ok is False
+        return out
+
+    def wrong_dicts(self) -> list[dict]:
+        """The wrong claims, typed: what the describe stage writes per row (``wrong_claims``)."""
+        out = [{"kind": d.kind, "descriptor": d.descriptor, "claimed": d.claimed, "true": round(d.true, 4)}
+               for d in self.wrong()]
+        out += [{"kind": c.kind, "subject": c.subject, "claimed": c.stated, "true": c.true, "text": c.text}
+                for c in self.wrong_structural()]
+        return out
 
 
 _MENTION_RE: re.Pattern | None = None
@@ -172,15 +223,16 @@ def _same_sentence(context: str) -> str:
     return _TAG.sub(" ", context[m.end():] if m else context)
 
 
-def _extract(text: str) -> list[tuple[str, int, int, float, str, str]]:
-    """(descriptor, start, end, claimed, number text, form) for every claim found."""
+def _extract(text: str) -> list[tuple[str, int, int, float, str, str, bool]]:
+    """(descriptor, start, end, claimed, number text, form, approximate) for every claim found."""
     mentions = _mentions(text)
     numbers = _numbers(text, mentions)
     claims = []
     for start, end, value, ntext, is_word in numbers:
         unit_m = _UNIT_RE.match(text, end)
         after_unit = unit_m.end() if unit_m else end
-        if _RANGE_AFTER.match(text[end:end + 30]) or text[after_unit:after_unit + 1] == "%":
+        percent = _PERCENT_RE.match(text, after_unit)
+        if _RANGE_AFTER.match(text[end:end + 30]):
             continue
         before = text[max(0, start - 25):start]
         # count form: "2 hydrogen bond donors", "no rotatable bonds"
@@ -202,7 +254,11 @@ def _extract(text: str) -> list[tuple[str, int, int, float, str, str]]:
                     and not re.search(r"[;!?]|\.\s", gap)
                     and not _NUM_RE.search(gap)
                 ):
-                    desc, form, ctx = m[2], "value", _same_sentence(text[max(m[0] - 12, 0):m[0]]) + " " + gap
+                    # the threshold words that make it no claim sit between the name and the number ("TPSA
+                    # below 90") or just before the name in its clause ("an ideal logP of 2"), not anywhere
+                    # earlier in the sentence ("within the favourable range, it has a logP of 5.9")
+                    lead = re.split(r"[,;:()]", _same_sentence(text[max(m[0] - 15, 0):m[0]]))[-1]
+                    desc, form, ctx = m[2], "value", lead + " " + gap
             if desc is None and unit_m:
                 u = unit_m.group(1).lower()
                 if "mol" in u or "da" in u:
@@ -211,56 +267,100 @@ def _extract(text: str) -> list[tuple[str, int, int, float, str, str]]:
                     desc, form, ctx = "TPSA", "unit", before
         if not desc:  # no mention, or the nearest mention is a blocker
             continue
-        if _THRESHOLD_CTX.search(_same_sentence(ctx)) or _THRESHOLD_CTX.search(
-            _same_sentence(text[max(0, start - 12):start])
-        ):
+        near = re.split(r"[,;:()]", _same_sentence(text[max(0, start - 12):start]))[-1]
+        if _THRESHOLD_CTX.search(_same_sentence(ctx)) or _THRESHOLD_CTX.search(near):
             continue
+        if percent:
+            if desc not in _FRACTIONS:
+                continue  # a percentage of something else ("45 % of the surface"): not this property
+            value /= 100.0
+            form = "percent"
         if unit_m and "kda" in unit_m.group(1).lower():
             value *= 1000.0
-        claims.append((desc, start, end, value, ntext, form))
+        approx = bool(_APPROX_RE.search(text[max(0, start - 16):start]))
+        claims.append((desc, start, end, value, ntext, form, approx))
     return claims
 
 
-def _within(desc: str, claimed: float, true: float, ntext: str, rel: float, abs_tol: float) -> bool:
+def _rounding(ntext: str, form: str, approximate: bool) -> float:
+    """Half a unit of the last digit the number is written with (of the percentage for "45 %")."""
+    if not ntext or not ntext[0].isdigit() and ntext[0] not in "-−":
+        return 0.5  # a number word
+    digits = ntext.replace(",", "").lstrip("-−")
+    if "." in digits:
+        r = 0.5 * 10 ** (-_decimals(digits))
+    else:
+        # "about 300": rounded to its significant digits (300 -> the hundreds); "300" alone -> the units
+        zeros = len(digits) - len(digits.rstrip("0")) if approximate and digits.strip("0") else 0
+        r = 0.5 * 10 ** zeros
+    return r / 100.0 if form == "percent" else r
+
+
+def _within(desc: str, claimed: float, true: float, ntext: str, rel: float, abs_tol: float, form: str = "value",
+            approximate: bool = False) -> bool:
     if is_count(desc):
         return claimed == round(true) and float(claimed).is_integer()
-    rounding = 0.5 * 10 ** (-_decimals(ntext)) if ntext and ntext[0] not in "nNzZoOtTfFsSeE" else 0.5
-    return abs(claimed - true) <= max(rel * abs(true), abs_tol, rounding) + 1e-9
+    return abs(claimed - true) <= max(rel * abs(true), abs_tol, _rounding(ntext, form, approximate)) + 1e-9
 
 
 def check(
-    text: str | None, values: dict[str, float], rel_tolerance: float = 0.05, abs_tolerance: float = 0.1
+    text: str | None, values: dict[str, float], rel_tolerance: float = 0.0, abs_tolerance: float = 0.0,
+    smiles: str | None = None,
 ) -> PostcheckResult:
-    """Compare every numeric property claim in ``text`` with ``values`` (descriptor name -> DSM value)."""
+    """Judge every claim in ``text``: numeric ones against ``values`` (descriptor name -> DSM value; structural
+    counts fall back to RDKit truth for ``smiles``), structural ones against RDKit truth for ``smiles``."""
     if not text:
         return PostcheckResult(0, 0, [])
+    truth = dict(values)
+    f = facts(smiles) if smiles else None
+    if f is not None:
+        for k, v in f.numeric().items():
+            if truth.get(k) is None or (isinstance(truth.get(k), float) and math.isnan(truth[k])):
+                truth[k] = float(v)
     details = []
-    for desc, start, end, claimed, ntext, form in _extract(text):
-        true = values.get(desc)
+    for desc, start, end, claimed, ntext, form, approx in _extract(text):
+        true = truth.get(desc)
         if true is None or (isinstance(true, float) and math.isnan(true)):
-            details.append(ClaimCheck(desc, claimed, None, None, start, end, ntext, form))
+            details.append(ClaimCheck(desc, claimed, None, None, start, end, ntext, form, approx))
             continue
-        ok = _within(desc, claimed, float(true), ntext, rel_tolerance, abs_tolerance)
-        details.append(ClaimCheck(desc, claimed, float(true), ok, start, end, ntext, form))
-    n_claims = sum(1 for d in details if d.ok is not None)
-    n_wrong = sum(1 for d in details if d.ok is False)
-    return PostcheckResult(n_claims, n_wrong, details)
+        ok = _within(desc, claimed, float(true), ntext, rel_tolerance, abs_tolerance, form, approx)
+        details.append(ClaimCheck(desc, claimed, float(true), ok, start, end, ntext, form, approx))
+    structural = structural_claims(text, smiles) if f is not None else []
+    # a span read as both (e.g. "3 nitrogen and oxygen atoms"): the numeric reading stands
+    spans = [(d.start, d.end) for d in details]
+    structural = [c for c in structural if not any(c.start < e and c.end > s_ for s_, e in spans)]
+    n_claims = sum(1 for d in details if d.ok is not None) + sum(1 for c in structural if c.ok is not None)
+    n_wrong = sum(1 for d in details if d.ok is False) + sum(1 for c in structural if c.ok is False)
+    return PostcheckResult(n_claims, n_wrong, details, structural)
 
 
 def _replacement(d: ClaimCheck) -> str:
     if is_count(d.descriptor):
         return str(int(round(d.true)))
+    if d.form == "percent":
+        return f"{d.true * 100:.0f}"
     dec = max(decimals_of(d.descriptor), 0) if d.form != "count" else 0
     out = f"{d.true:.{dec}f}"
     return out[1:] if out.startswith("-") and float(out) == 0 else out
 
 
+def corrections(result: PostcheckResult) -> list[tuple[int, int, str]]:
+    """(start, end, replacement) for every wrong claim that a rewrite can fix: numbers, counts, formulas and
+    stated atom counts. A wrong group or class has no rewrite (the sentence would have to change)."""
+    out = [(d.start, d.end, _replacement(d)) for d in result.wrong()]
+    for c in result.wrong_structural():
+        if c.kind == "formula":
+            out.append((c.start, c.end, re.sub(r"[+-]\d*$", "", str(c.true))))
+    return out
+
+
 def correct(
-    text: str, values: dict[str, float], rel_tolerance: float = 0.05, abs_tolerance: float = 0.1
+    text: str, values: dict[str, float], rel_tolerance: float = 0.0, abs_tolerance: float = 0.0,
+    smiles: str | None = None,
 ) -> str:
-    """``text`` with every wrong number replaced by the DSM value (units and wording kept)."""
-    result = check(text, values, rel_tolerance, abs_tolerance)
+    """``text`` with every wrong number and formula replaced by the truth (units and wording kept)."""
+    result = check(text, values, rel_tolerance, abs_tolerance, smiles=smiles)
     out = text
-    for d in sorted(result.wrong(), key=lambda d: d.start, reverse=True):
-        out = out[: d.start] + _replacement(d) + out[d.end:]
+    for start, end, rep in sorted(corrections(result), reverse=True):
+        out = out[:start] + rep + out[end:]
     return out

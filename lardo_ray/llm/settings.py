@@ -145,10 +145,12 @@ class DescribeConfig(Section):
     )
     max_regenerations: int = Field(default=1, ge=0, description="re-asks of a description with wrong numbers")
     rel_tolerance: float = Field(
-        default=0.05, ge=0, description="a continuous value is right within this relative error (counts: exact)"
+        default=0.0, ge=0, description="loosen the post-check: a continuous value is also right within this "
+        "relative error; 0 = only the true value rounded as the number is written (the prompt gives it exactly; "
+        "counts: always exact)"
     )
     abs_tolerance: float = Field(
-        default=0.1, ge=0, description="... or within this absolute error (whichever is larger)"
+        default=0.0, ge=0, description="... or within this absolute error (whichever is larger); 0 = rounding only"
     )
     stage1_retries: int = Field(default=2, ge=0, description="re-asks of stage 1 when its answer does not parse")
     template_path: str | None = Field(

@@ -162,30 +162,55 @@ class DescribeWorker(ShardWorker):
 
 
 def _quality(out: StageOutput, chunk_ids: list[str]) -> dict[str, Any]:
-    """Hallucination rate before/after calibration over the LLM-written rows (the rules writer cannot
-    hallucinate: counting its claims would only dilute the rate), failures, tokens."""
-    cols = ["n_claims", "n_wrong", "n_claims_before", "n_wrong_before", ERROR, "backend", "completion_tokens"]
-    keys = ("n_claims", "n_wrong", "n_claims_before", "n_wrong_before", "completion_tokens")
+    """The hallucination rate of the LLM-written rows, measured BEFORE any correction (the headline: what the
+    LLM wrote), overall and per claim type; what the correction rewrote, apart; undecidable claims apart. The
+    rules writer cannot hallucinate: counting its claims would only dilute the rate."""
+    import json
+
+    base = ["n_claims", "n_wrong", "n_claims_before", "n_wrong_before", ERROR, "backend", "completion_tokens"]
+    newer = ["n_corrected", "n_undecidable_before", "claims_by_kind"]  # absent in shards written before them
+    keys = ("n_claims", "n_wrong", "n_claims_before", "n_wrong_before", "completion_tokens", "n_corrected",
+            "n_undecidable_before")
     tot = dict.fromkeys(keys, 0)
+    kinds: dict[str, list[int]] = {}
     n_failed = n_llm = 0
     for c in chunk_ids:
-        t = pq.read_table(out.data_path(c), columns=cols, filesystem=out.fs)
+        path = out.data_path(c)
+        names = set(pq.read_schema(path, filesystem=out.fs).names)
+        cols = base + [k for k in newer if k in names]
+        t = pq.read_table(path, columns=cols, filesystem=out.fs)
         n_failed += t.num_rows - int(pc.sum(pc.is_null(t.column(ERROR))).as_py() or 0)
         llm = t.filter(pc.not_equal(t.column("backend"), "rules"))
         n_llm += llm.num_rows
         for k in keys:
-            tot[k] += int(pc.sum(llm.column(k)).as_py() or 0)
+            if k in llm.column_names:
+                tot[k] += int(pc.sum(llm.column(k)).as_py() or 0)
+        if "claims_by_kind" in llm.column_names:
+            for js in llm.column("claims_by_kind").to_pylist():
+                for kind, (n, w, u) in (json.loads(js) if js else {}).items():
+                    row = kinds.setdefault(kind, [0, 0, 0])
+                    row[0] += n
+                    row[1] += w
+                    row[2] += u
     before = tot["n_wrong_before"] / tot["n_claims_before"] if tot["n_claims_before"] else 0.0
-    after = tot["n_wrong"] / tot["n_claims"] if tot["n_claims"] else 0.0
-    return {
+    by_kind = ", ".join(f"{k} {w}/{n}" + (f" (+{u} undecidable)" if u else "")
+                        for k, (n, w, u) in sorted(kinds.items(), key=lambda kv: -kv[1][0]))
+    out_ = {
         "failed": n_failed,
         "llm_rows": n_llm,
-        "hallucination": (f"{before:.1%} of {tot['n_claims_before']:,} numeric claims wrong before calibration, "
-                          f"{after:.1%} of {tot['n_claims']:,} after (LLM-written rows)"),
+        "hallucination": (f"{before:.1%} of {tot['n_claims_before']:,} checked claims wrong as the LLM wrote them"
+                          + (f" ({tot['n_undecidable_before']:,} more undecidable)" if tot["n_undecidable_before"]
+                             else "") + " (LLM-written rows)"),
         "halluc_before": round(before, 4),
-        "halluc_after": round(after, 4),
+        "corrected": (f"{tot['n_corrected']:,} claims rewritten by the post-check; {tot['n_wrong']:,} wrong claims "
+                      "left that no rewrite can fix (groups, classes)"),
         "gen_tokens": tot["completion_tokens"],
     }
+    if by_kind:
+        out_["by_type"] = by_kind + " wrong/checked"
+    for k, (n, w, _u) in kinds.items():
+        out_[f"halluc_{k}"] = round(w / n, 4) if n else 0.0
+    return out_
 
 
 def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:

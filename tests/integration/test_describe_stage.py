@@ -38,7 +38,7 @@ def test_rules_describes_every_molecule_without_wrong_numbers(ray_local, tmp_pat
     assert {r["p_np"] for r in rows} <= {0, 1}  # labels ride along
     tpl = json.loads((tmp_path / "out" / "describe" / "template.json").read_text())
     assert tpl["template_id"] == rows[0]["template_id"] and tpl["properties"]
-    assert s.extra["halluc_after"] == 0.0 and s.extra["failed"] == 0
+    assert s.extra["halluc_before"] == 0.0 and s.extra["failed"] == 0
     again = run_describe(cfg)
     assert again.chunks_skipped == again.chunks_total
 

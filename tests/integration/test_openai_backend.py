@@ -126,9 +126,10 @@ class FaultServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str | None, policy=None, canned_delay: float = 0.0):
+    def __init__(self, upstream: str | None, policy=None, canned_delay: float = 0.0, canned=None):
         super().__init__(("127.0.0.1", 0), _FaultHandler)
         self.upstream = upstream
+        self.canned = canned or (lambda smiles: "LogP: 1.0.")  # the canned answer for a molecule
         self.policy = policy or (lambda smiles, attempt: None)
         self.canned_delay = canned_delay
         self.lock = threading.Lock()
@@ -176,7 +177,8 @@ class _FaultHandler(BaseHTTPRequestHandler):
             if self.path.endswith("/models"):
                 return self._send(200, json.dumps({"object": "list", "data": [{"id": "canned"}]}).encode())
             time.sleep(srv.canned_delay)
-            answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "LogP: 1.0."}}],
+            content = srv.canned(getattr(self, "smiles", ""))
+            answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
                       "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
             return self._send(200, json.dumps(answer).encode())
         req = urllib.request.Request(srv.upstream + self.path.removeprefix("/v1"), data=body, method=method,
@@ -195,7 +197,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         msgs = json.loads(body).get("messages", [])
         m = SMILES_RE.search(msgs[-1]["content"] if msgs else "")
-        smiles = m.group(1) if m else ""
+        smiles = self.smiles = m.group(1) if m else ""
         with srv.lock:
             srv.attempts[smiles] = attempt = srv.attempts.get(smiles, 0) + 1
             srv.arrivals.append(time.monotonic())
@@ -438,3 +440,48 @@ def test_rerun_of_the_stage_retries_only_the_failed_rows(ray_local, tmp_path):
     assert out2.num_rows == dsm.num_rows and all(r["error"] is None and r["description"] for r in out2.to_pylist())
     keep = {r["smiles"]: r["description"] for r in out.to_pylist() if r["smiles"] not in bad}
     assert all(keep[r["smiles"]] == r["description"] for r in out2.to_pylist() if r["smiles"] in keep)
+
+
+def test_planted_structural_errors_are_each_flagged(template):
+    """An OpenAI-compatible server (real HTTP, on 127.0.0.1) answers each molecule with a crafted description:
+    one true statement and one planted structural error of a different type per molecule. The describe core
+    flags exactly the planted one, typed, rewrites what a rewrite can fix (the formula, the ring count) and
+    leaves the rest flagged."""
+    from lardo_ray.llm.claims import facts
+
+    table = dsm_rows(6)
+    smiles = table.column("smiles").to_pylist()
+    F = {s: facts(s) for s in smiles}
+    absent_group = {s: next(g for g in ("nitrile", "azide", "isothiocyanate", "thiol") if not F[s].groups[g])
+                    for s in smiles}
+    plants = [  # (kind, the planted sentence)
+        ("formula", lambda f: f"Its molecular formula is C{f.elements['C'] + 2}H{f.elements.get('H', 0)}"
+                              + "".join(f"{e}{n if n > 1 else ''}" for e, n in sorted(f.elements.items())
+                                        if e not in ("C", "H")) + "."),
+        ("element_count", lambda f: f"It contains {f.elements.get('N', 0) + 2} nitrogen atoms."),
+        ("functional_group", lambda f: f"It bears a {absent_group[f.smiles]} group."),
+        ("compound_class", lambda f: "It is a complex carbohydrate."),
+        ("formal_charge", lambda f: "It carries a net charge of +2."),
+        ("ring_count", lambda f: f"It has {f.rings + 1} rings."),
+    ]
+    assert not any(F[s].classes["carbohydrate"] or F[s].formal_charge for s in smiles)
+    crafted = {s: f"The molecule has {F[s].heavy_atoms} heavy atoms. " + plant(F[s])
+               for s, (_, plant) in zip(smiles, plants)}
+    with FaultServer(None, canned=lambda smi: crafted.get(smi, "LogP: 1.0.")) as srv:
+        cfg = describe_cfg(srv.base_url, "canned")
+        stage = DescribeStage2(cfg, template)
+        try:
+            rows = stage(table).to_pylist()
+        finally:
+            stage.backend.close()
+    for r, (kind, _) in zip(rows, plants):
+        wrong = json.loads(r["wrong_claims"])
+        assert [w["kind"] for w in wrong] == [kind], (crafted[r["smiles"]], wrong)
+        assert r["n_wrong_before"] == 1 and r["n_claims_before"] == 2, r  # the heavy-atom count was right
+        by_kind = json.loads(r["claims_by_kind"])
+        assert by_kind["heavy_atoms"] == [1, 0, 0] and by_kind[kind][1] == 1
+        if kind in ("formula", "ring_count"):  # rewritten to the truth
+            assert r["n_corrected"] == 1 and r["n_wrong"] == 0
+            assert (F[r["smiles"]].formula in r["description"]) == (kind == "formula")
+        else:  # no rewrite can fix it: still flagged after the post-check
+            assert r["n_corrected"] == 0 and r["n_wrong"] == 1
