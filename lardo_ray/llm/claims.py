@@ -199,6 +199,14 @@ CLASSES: dict[str, tuple[str, ...]] = {  # class -> names as written (singular; 
     "aromatic": ("aromatic compound",),
     "hydrocarbon": ("hydrocarbon",),
     "amino acid": ("amino acid",),
+    # named but not decided by a substructure here: counted as undecidable, never as right
+    "alkaloid": ("alkaloid",),
+    "flavonoid": ("flavonoid",),
+    "terpenoid": ("terpenoid", "terpene"),
+    "natural product": ("natural product",),
+    "antibiotic": ("antibiotic",),
+    "opioid": ("opioid",),
+    "prodrug": ("prodrug",),
 }
 
 
@@ -417,7 +425,8 @@ def _group_claims(text: str, f: MoleculeFacts) -> list[StructuralClaim]:
         tail_text = tail.group(0) if tail else ""
         before = _clause_before(text, m.start())
         true = f.groups.get(key, 0)
-        neg = re.search(r"(?:^|\s)" + _NEG + r"\s+(?:any\s+)?(?:free\s+)?" + _ADJ + r"$", before, re.I)
+        neg = re.search(r"(?:^|\s)" + _NEG + r"\s+(?:any\s+|an?\s+|a\s+single\s+)?(?:free\s+)?" + _ADJ + r"$",
+                        before, re.I)
         q = re.search(r"(?:^|\s)" + _QUANT + r"\s+" + _ADJ + r"$", before, re.I)
         has = re.search(_HAS + r"\s+(?:\S+\s+){0,6}$", before, re.I)
         after = text[m.end() + len(tail_text):m.end() + len(tail_text) + 25]
@@ -442,6 +451,14 @@ def _group_claims(text: str, f: MoleculeFacts) -> list[StructuralClaim]:
             continue
         if has and tail_text:
             out.append(StructuralClaim("functional_group", key, True, true > 0, true > 0, m.start(),
+                                       m.end() + len(tail_text), text[m.start():m.end() + len(tail_text)]))
+            continue
+        # "A nitrile group is present", "no hydroxyl groups are present", "an amide moiety is absent"
+        there = re.match(r"\s+(?:is|are)\s+(?:also\s+)?(present|absent|missing)\b", after, re.I)
+        lead = re.search(r"(?:^|\s)(an?|one|two|three|four|no|\d+)\s+" + _ADJ + r"$", before, re.I)
+        if tail_text and there and lead:
+            present = there.group(1).lower() == "present" and lead.group(1).lower() != "no"
+            out.append(StructuralClaim("functional_group", key, present, true > 0, (true > 0) == present, m.start(),
                                        m.end() + len(tail_text), text[m.start():m.end() + len(tail_text)]))
     return out
 
