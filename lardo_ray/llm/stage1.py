@@ -439,7 +439,7 @@ def _norm(text: str) -> str:
 _syn("MolLogP", "logP", "log P", "cLogP", "ALogP", "SlogP", "XlogP", "MLogP", "Crippen logP", "MolLogP",
      "lipophilicity", "lipophilic", "hydrophobicity", "hydrophobic character", "hydrophilicity",
      "octanol-water partition coefficient", "octanol/water partition", "partition coefficient",
-     "logD", "distribution coefficient", "log Kow", "Kow")
+     "log Kow", "Kow")
 _syn("MolWt", "molecular weight", "MW", "MolWt", "molecular mass", "molar mass", "molecular weight (g/mol)",
      "weight", "mass", "g/mol", "dalton", "Da", "size and weight")
 _syn("ExactMolWt", "exact mass", "monoisotopic mass", "exact molecular weight")
@@ -507,8 +507,27 @@ NOT_COMPUTABLE = {
         "protein binding", "plasma protein binding", "half-life", "clearance", "efflux", "P-glycoprotein",
         "P-gp substrate", "binding affinity", "potency", "selectivity", "formal charge", "net charge",
         "melting point", "boiling point", "stability", "reactivity",
+        # logD depends on pH and pKa: no DSM here computes it (the post-check blocks it too), so it must not
+        # silently become the Crippen logP
+        "logD", "log D", "logD7.4", "distribution coefficient",
     )
 }
+
+# Phrases that name the OPPOSITE of the descriptor they map to: "hydrophilicity: higher" means a LOWER
+# logP, "rigidity: higher" FEWER rotatable bonds, "Lipinski compliance: higher" FEWER violations.
+INVERTED = {_norm(p) for p in (
+    "hydrophilicity", "hydrophilic", "hydrophilic character", "rigidity", "molecular rigidity",
+    "conformational rigidity", "planarity", "flatness", "Lipinski compliance", "rule of five compliance",
+    "Ro5 compliance", "compliance with Lipinski's rule of five", "Lipinski's rule of five compliance",
+    "drug-likeness compliance",
+)}
+_syn("MolLogP", "hydrophilic character")
+_syn("NumRotatableBonds", "molecular rigidity", "conformational rigidity")
+_syn("FractionCSP3", "flatness")
+_syn("LipinskiViolations", "Lipinski compliance", "rule of five compliance", "Ro5 compliance",
+     "compliance with Lipinski's rule of five", "Lipinski's rule of five compliance")
+
+_OPPOSITE = {"higher": "lower", "lower": "higher"}
 
 
 def _blockers() -> dict[str, list[str]]:
@@ -579,14 +598,16 @@ def map_property(name: str) -> tuple[list[str], str, str | None]:
     blocked: list[str] = []
     for _, _, phrase, ds in _find_synonyms(normed):
         if not ds:
-            blocked.append(NOT_COMPUTABLE.get(phrase, phrase))
+            if not found:  # "pKa of the basic amine" is a pKa, not an amine count; "amines (pKa)" stays amines
+                blocked.append(NOT_COMPUTABLE.get(phrase, phrase))
+            continue
         for d in ds:
             if d not in found:
                 found.append(d)
-    if found:
-        return found, "synonym", None
     if blocked:
         return [], "", f"not computable by a DSM ({blocked[0]})"
+    if found:
+        return found, "synonym", None
     # 3. fuzzy: typos, over the whole name and its 1-4 word windows
     _, table = _phrases()
     keys = list(table) + [k.lower() for k in reg]
@@ -603,6 +624,34 @@ def map_property(name: str) -> tuple[list[str], str, str | None]:
                 return [], "", f"not computable by a DSM ({NOT_COMPUTABLE.get(k, k)})"
             return ds, "fuzzy", None
     return [], "", f"no DSM calculator matches {name!r}"
+
+
+def is_inverted(name: str) -> bool:
+    """True when the property names the opposite of the descriptor it maps to (hydrophilicity vs logP)."""
+    normed = _norm(name)
+    return any(m[2] in INVERTED for m in _find_synonyms(normed)) or normed in INVERTED
+
+
+_KDA = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?:kDa|kilodaltons?)\b", re.I)
+_DA = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?:Da|daltons?)\b", re.I)
+_PCT = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?:%|percent\b)", re.I)
+_MASS = {"MolWt", "ExactMolWt", "HeavyAtomMolWt"}
+_FRACTION = {"FractionCSP3"}
+
+
+def normalise_threshold(threshold: str, descriptor: str) -> str:
+    """A threshold in the descriptor's own units: "< 0.5 kDa" -> "< 500 g/mol" for MolWt, "> 40 %" ->
+    "> 0.4" for Fsp3 (the DSM value it is later compared with is in g/mol / a fraction)."""
+    def fmt(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    t = threshold
+    if descriptor in _MASS:
+        t = _KDA.sub(lambda m: f"{fmt(float(m.group('num')) * 1000)} g/mol", t)
+        t = _DA.sub(lambda m: f"{m.group('num')} g/mol", t)
+    if descriptor in _FRACTION:
+        t = _PCT.sub(lambda m: fmt(float(m.group("num")) / 100.0), t)
+    return t
 
 
 def calibrate(
@@ -637,8 +686,16 @@ def calibrate(
                                         position=i))
             continue
         used.update(new)
-        props.append(TemplateProperty(property=c.property, descriptors=new, direction=c.direction,
-                                      threshold=c.threshold, rationale=c.rationale, match=kind, position=i))
+        direction = c.direction
+        if is_inverted(c.property):
+            direction = _OPPOSITE.get(direction, direction)  # type: ignore[assignment]
+        threshold = c.threshold
+        if threshold and not is_inverted(c.property):
+            threshold = normalise_threshold(threshold, new[0])
+        elif threshold:
+            threshold = None  # "hydrophilicity > 2" has no meaning on the logP scale: dropped, not guessed
+        props.append(TemplateProperty(property=c.property, descriptors=new, direction=direction,
+                                      threshold=threshold, rationale=c.rationale, match=kind, position=i))
     return Template(
         task=card.key if card else "generic",
         task_name=card.name if card else "Generic",

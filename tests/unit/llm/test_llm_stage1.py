@@ -200,3 +200,30 @@ def test_build_template_falls_back_and_records_why(tmp_path):
     unmapped = build_template(card, lambda m: '["metabolic stability", "toxicity"]', max_retries=0)
     assert unmapped.source == "card_default" and "maps to a DSM" in unmapped.fallback_reason
     assert build_template(card, None).source == "card_default"  # no LLM (rules backend)
+
+
+def test_review_fixes_opposites_units_logd_and_pka():
+    """Stage-1 review findings, each failing before: the opposite of a descriptor flips the direction, a
+    threshold is converted to the descriptor's units, logD and pKa are not silently mapped."""
+    from lardo_ray.llm.stage1 import PropertyClaim, calibrate, map_property
+
+    tpl = calibrate([
+        PropertyClaim(property="hydrophilicity", direction="higher", threshold="> 2"),
+        PropertyClaim(property="rigidity", direction="higher"),
+        PropertyClaim(property="Lipinski compliance", direction="higher"),
+        PropertyClaim(property="molecular weight", direction="lower", threshold="< 0.5 kDa"),
+        PropertyClaim(property="Fsp3", direction="higher", threshold="> 40 %"),
+        PropertyClaim(property="logD at pH 7.4", direction="range", threshold="1 to 3"),
+        PropertyClaim(property="pKa of the basic amine", direction="lower"),
+    ])
+    by = {p.descriptors[0]: p for p in tpl.properties}
+    assert by["MolLogP"].direction == "lower" and by["MolLogP"].threshold is None
+    assert by["NumRotatableBonds"].direction == "lower"
+    assert by["LipinskiViolations"].direction == "lower"
+    assert by["MolWt"].threshold == "< 500 g/mol"
+    assert by["FractionCSP3"].threshold == "> 0.4"
+    dropped = {d.property: d.reason for d in tpl.dropped}
+    assert "not computable" in dropped["logD at pH 7.4"] and "not computable" in dropped["pKa of the basic amine"]
+    # a property that names a count and only mentions pKa aside is still the count
+    assert map_property("basic amines (pKa)")[0] == ["fr_NH0", "fr_NH1", "fr_NH2"]
+    assert map_property("lipophilicity")[0] == ["MolLogP"]  # not inverted
