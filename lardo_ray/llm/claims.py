@@ -315,19 +315,21 @@ def _quant_value(q: str) -> int | None:
     return _WORD_NUMBERS.get(q)
 
 
+# element symbols (a static set: RDKit's periodic-table lookup prints a C++ stack trace for a non-element)
+_SYMBOLS = set(
+    "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y Zr "
+    "Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir "
+    "Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu".split())
+_SMILES_NEIGHBOURS = set("()[]=#@/\\+%") | set("cnosp0123456789")
+
+
 def _parse_formula(s: str) -> dict[str, int] | None:
     parts = re.findall(r"([A-Z][a-z]?)(\d*)", s)
     if "".join(a + b for a, b in parts) != s:
         return None
-    from rdkit import Chem
-
-    table = Chem.GetPeriodicTable()
     out: Counter[str] = Counter()
     for sym, n in parts:
-        try:
-            if table.GetAtomicNumber(sym) <= 0:
-                return None
-        except Exception:  # noqa: BLE001 - not an element symbol: not a formula
+        if sym not in _SYMBOLS:
             return None
         out[sym] += int(n) if n else 1
     return dict(out)
@@ -338,9 +340,17 @@ def _formula_claims(text: str, f: MoleculeFacts) -> list[StructuralClaim]:
     truth = _parse_formula(re.sub(r"[+-]\d*$", "", f.formula))
     for m in _FORMULA_RE.finditer(text):
         token = m.group(1)
+        # inside a SMILES (or an LLM's pseudo-SMILES: "CC(C18H20FN3O4(C)CC"): no formula claim
+        left = text[m.start(1) - 1] if m.start(1) else " "
+        right = text[m.end()] if m.end() < len(text) else " "
+        before_paren = text[m.start(1) - 2] if m.start(1) > 1 else " "
+        in_parens = left == "(" and right == ")" and not before_paren.strip()  # " (C2H2N2Cl4)" is prose
+        if not in_parens and (left in _SMILES_NEIGHBOURS or right in _SMILES_NEIGHBOURS):
+            continue
         parsed = _parse_formula(token)
-        # a formula: C and H (or C and a digit) and at least one digit; "NaCl", "CO", "SMILES", "MW" are not
-        if parsed is None or "C" not in parsed or not re.search(r"\d", token) or len(parsed) < 2:
+        # a formula starts with carbon and its count, names hydrogen, has three or more elements or a C count
+        # above 1 ("CH3" is a methyl group, "NaCl", "CO", "SMILES", "MW", "N3CCN" are not formulas)
+        if parsed is None or not re.match(r"C\d", token) or "H" not in parsed or len(parsed) < 3 and parsed["C"] < 2:
             continue
         ok = parsed == truth
         out.append(StructuralClaim("formula", "", token, f.formula, ok, m.start(1), m.end(1), token))

@@ -96,6 +96,10 @@ class VLLMBackendConfig(Section):
         default=True,
         description="False = CPU vLLM (placement_group_config bundles [{'CPU': 1}]; no accelerator_type)",
     )
+    cpu_kvcache_gb: float = Field(
+        default=2.0, gt=0, description="KV cache of a CPU engine in GB (VLLM_CPU_KVCACHE_SPACE; an exported value "
+        "wins): vLLM's own CPU default reserves most of the machine's memory and then refuses to start"
+    )
     wave_chunks: int = Field(
         default=50, ge=1, description="DSM shards per Ray Data LLM job (engines start once per wave; a killed wave is redone)"
     )

