@@ -30,6 +30,7 @@ class PairedBootstrap:
     high: float
     n_test: int
     n_resamples: int
+    against: str = "baseline"  # classical (rf_*, chemprop) | scratch (the GNN without pre-training)
 
     @property
     def verdict(self) -> str:
@@ -40,7 +41,7 @@ class PairedBootstrap:
         return "tie"
 
     def to_row(self) -> dict:
-        return {"dataset": self.dataset, "metric": self.metric, "pretrained": self.method_a,
+        return {"dataset": self.dataset, "metric": self.metric, "against": self.against, "pretrained": self.method_a,
                 "baseline": self.method_b, "pretrained_value": self.value_a, "baseline_value": self.value_b,
                 "diff": self.diff, "ci_low": self.low, "ci_high": self.high, "verdict": self.verdict,
                 "n_test": self.n_test, "n_resamples": self.n_resamples}

@@ -241,8 +241,9 @@ def test_baselines_share_the_split_seeds_metric_and_mlflow_contract(ray_local, s
                                 split="scaffold", bootstrap=200))
     assert {"lardo", "scratch", "rf_dsm", "rf_ecfp"} <= set(res.table["method"])
     # the bootstrap reads each seed's logged test predictions back from MLflow
-    (b,) = res.bootstrap
-    assert b.method_a == "lardo" and b.method_b in ("scratch", "rf_dsm", "rf_ecfp") and b.n_resamples > 150
+    b, s = res.bootstrap  # against the best classical baseline, then against the GNN from scratch
+    assert (b.against, s.against) == ("classical", "scratch") and s.method_b == "scratch"
+    assert b.method_a == s.method_a == "lardo" and b.method_b in ("rf_dsm", "rf_ecfp") and b.n_resamples > 150
     assert b.low <= b.diff <= b.high and b.verdict in ("win", "tie", "loss")
     lardo = grid.get(b.dataset, "lardo")
     assert b.n_test == lardo.seeds[0].n_test and "95 % interval" in res.markdown
