@@ -1,6 +1,7 @@
 """How good is the post-check at catching what an LLM gets wrong? Precision and recall per claim type.
 
     python bench/postcheck.py [--molecules 300] [--seed 0] [--json out.json]
+    python bench/postcheck.py --llm [--llm-molecules 500] [--model smollm2]   # (b): a real LLM's hallucinations
 
 A corpus of true and false sentences about real molecules (the bundled BBBP set, standardised as the dsm stage
 does), built from RDKit truth: for every claim type several phrasings, each stated once truly and once with a
@@ -12,6 +13,12 @@ Per type: recall = false sentences flagged wrong / false sentences; precision = 
 false / flagged sentences (a true sentence flagged is a false alarm); "missed" = false sentences whose claim
 was not extracted or was called undecidable. Targets: precision >= 0.98, recall >= 0.90 for every type.
 This is a measurement, not a timing: it runs in seconds.
+
+``--llm`` (b): the hallucination rate of a real LLM (default SmolLM2-135M-Instruct, the model the project ships,
+on the vllm backend, CPU unless ``--gpu``) describing BBBP molecules with the ``paper`` and the ``lardo`` prompt
+sets, each with and without the DSM values in the prompt (``describe.variant`` full / no_dsm), default sampling;
+every description through the same post-check, rates per claim type as the LLM wrote them. That is the
+paper's own claim — DSM values in the prompt lower hallucination — measured.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import random
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,13 +155,79 @@ def sentences(smiles: str, values: dict[str, float], rng: random.Random) -> list
     return out
 
 
+def llm_hallucination(n: int, model: str, gpu: bool, seed: int, max_tokens: int) -> list[dict]:
+    """(b): per (prompt set, DSM values in the prompt): claims checked / wrong / undecidable per claim type."""
+    import pyarrow as pa
+    from rdkit import Chem
+
+    from lardo_ray.chem.descriptors import DescriptorCalculator
+    from lardo_ray.chem.standardise import mol_id_of
+    from lardo_ray.llm.backends.vllm import VLLMBackend
+    from lardo_ray.llm.cards import load_card
+    from lardo_ray.llm.describe import DescribeStage2
+    from lardo_ray.llm.settings import DescribeConfig
+    from lardo_ray.llm.stage1 import default_template
+
+    smiles = molecules(n, seed)
+    calc = DescriptorCalculator("all")
+    vals, _ = calc.compute([Chem.MolFromSmiles(x) for x in smiles])
+    cols = {"mol_id": [mol_id_of(x) for x in smiles], "smiles": smiles}
+    cols.update({d: [float(v) for v in vals[:, j]] for j, d in enumerate(calc.names)})
+    table = pa.table(cols)
+    base = DescribeConfig(backend="vllm", model=model, task="bbbp", postcheck="flag",
+                          sampling={"max_tokens_stage2": max_tokens},
+                          vllm={"gpu": gpu, "max_model_len": 2048})
+    engine = VLLMBackend.from_config(base)
+    rows = []
+    try:
+        for prompt_set in ("paper", "lardo"):
+            for variant in ("full", "no_dsm"):
+                cfg = base.model_copy(update={"prompt_set": prompt_set, "variant": variant})
+                stage = DescribeStage2(cfg, default_template(load_card("bbbp"), prompt_set), backend=engine)
+                t0 = time.perf_counter()
+                out = stage(table).to_pylist()
+                kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+                for r in out:
+                    for k, (c, w, u) in json.loads(r["claims_by_kind"] or "{}").items():
+                        kinds[k][0] += c
+                        kinds[k][1] += w
+                        kinds[k][2] += u
+                n_claims = sum(v[0] for v in kinds.values())
+                n_wrong = sum(v[1] for v in kinds.values())
+                rows.append({"prompt_set": prompt_set, "dsm_values": variant == "full", "molecules": len(out),
+                             "failed": sum(r["error"] is not None for r in out), "claims": n_claims,
+                             "wrong": n_wrong, "rate": n_wrong / n_claims if n_claims else float("nan"),
+                             "tokens": sum(r["completion_tokens"] or 0 for r in out),
+                             "seconds": round(time.perf_counter() - t0, 1), "by_type": dict(kinds)})
+                print(f"  {prompt_set:<6s} DSM values {'yes' if variant == 'full' else 'no ':<3s}: "
+                      f"{n_wrong}/{n_claims} wrong ({rows[-1]['rate']:.1%}), {rows[-1]['tokens']:,} tokens in "
+                      f"{rows[-1]['seconds']:.0f} s; " + ", ".join(f"{k} {w}/{c}" for k, (c, w, _u) in
+                                                                     sorted(kinds.items(), key=lambda kv: -kv[1][0])),
+                      flush=True)
+    finally:
+        engine.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--molecules", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the per-type figures here")
     ap.add_argument("--show-errors", type=int, default=0, help="print this many misjudged sentences per type")
+    ap.add_argument("--llm", action="store_true", help="(b): measure a real LLM's hallucinations instead")
+    ap.add_argument("--llm-molecules", type=int, default=500)
+    ap.add_argument("--model", default="smollm2", help="describe.model for --llm (vllm backend)")
+    ap.add_argument("--gpu", action="store_true", help="--llm on a GPU (default: vLLM on the CPU)")
+    ap.add_argument("--max-tokens", type=int, default=200, help="max tokens per description (--llm)")
     args = ap.parse_args(argv)
+    if args.llm:
+        print(f"{args.model} on vLLM ({'GPU' if args.gpu else 'CPU'}), {args.llm_molecules} BBBP molecules, "
+              "default sampling, the post-check per claim type as the LLM wrote it:")
+        rows = llm_hallucination(args.llm_molecules, args.model, args.gpu, args.seed, args.max_tokens)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
 
     from rdkit import Chem
 
