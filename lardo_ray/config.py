@@ -90,7 +90,9 @@ class PipelineSection(Section):
     scratch_baseline: bool = Field(
         default=True, description="also fine-tune a randomly initialised encoder on the same splits, for compare"
     )
-    method_name: str = Field(default="lardo", description="method label of the pre-trained encoder in compare")
+    method_name: str | None = Field(
+        default=None, description="method label of the pre-trained encoder in compare; None = what wrote its text "
+        "(describe.text_writer_label: 'rules', 'llm:smollm2', or 'llm:smollm2x8+rules' for an LLM slice)")
 
 
 class AblationConfig(Section):

@@ -7,6 +7,7 @@ Light imports only (pydantic): ``lardo_ray.config`` assembles these into the pip
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import Field
@@ -185,3 +186,13 @@ class DescribeConfig(Section):
     def model_name(self) -> str:
         """The model actually used: the configured one or the backend default."""
         return self.model or DEFAULT_MODELS[self.backend]
+
+
+def text_writer_label(cfg: DescribeConfig) -> str:
+    """What wrote the pre-training text, as a method label: 'rules' (the rules writer, not an LLM),
+    'llm:<model>' or, with an LLM slice, 'llm:<model>x<N>+rules'."""
+    if cfg.backend == "rules":
+        return "rules"
+    name = os.path.basename(str(cfg.model_name).rstrip("/")) or str(cfg.model_name)
+    label = f"llm:{name}"
+    return f"{label}x{cfg.llm_slice}+rules" if cfg.llm_slice is not None else label

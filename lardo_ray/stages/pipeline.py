@@ -118,7 +118,9 @@ def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
             # The method then fails in the grid (named in the summary and in MLflow); scratch still runs.
             log.error("pipeline: %s", e)
             encoder = fs.join(cfg.stage_dir("pretrain"), "encoder")
-        methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name, encoder)]
+        from lardo_ray.llm.settings import text_writer_label
+
+        methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name or text_writer_label(cfg.describe), encoder)]
         if cfg.pipeline.scratch_baseline:
             methods.append(("scratch", None))
         methods += [baseline_method(kind) for kind in cfg.finetune.baselines]

@@ -202,7 +202,8 @@ def test_pipeline_without_a_pretrained_encoder_exits_non_zero_and_says_why(tmp_p
                 "--set", "finetune.epochs=1", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                 timeout=600)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "no pre-trained encoder at" in r.stderr and "finetune bbbp/lardo seed 0" in r.stderr
+    # the pre-trained method is named by what wrote its text (the rules writer here)
+    assert "no pre-trained encoder at" in r.stderr and "finetune bbbp/rules seed 0" in r.stderr
     table = r.stdout[r.stdout.index("| Dataset"):]
     assert "scratch" in table.splitlines()[0]  # scratch ran and compare still wrote its table
 
