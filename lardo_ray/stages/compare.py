@@ -632,6 +632,8 @@ class _Predictions:
     def __init__(self, uri: str):
         self.uri = uri
         self._cache: dict[str, Any] = {}
+        # one progress bar per tiny Parquet file would bury the table in the terminal
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def tables(self, name: str, runs) -> list:
         import mlflow
