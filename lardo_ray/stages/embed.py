@@ -107,20 +107,17 @@ def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: i
 def _text_signal_summary(out, chunk_ids: list[str]) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    from lardo_ray import fs
-
-    vectors, hashes = [], []
-    for c in chunk_ids:
-        filesystem, path = fs.filesystem_and_path(out.data_path(c))
-        t = pq.read_table(path, filesystem=filesystem, columns=[DESCRIPTION_HASH, schema.TEXT_EMBEDDING])
-        hashes += t.column(DESCRIPTION_HASH).to_pylist()
-        vectors += t.column(schema.TEXT_EMBEDDING).to_pylist()
-        if len(hashes) >= 50_000:  # enough to measure; the rest of a large corpus is no different
-            break
     try:
+        vectors, hashes = [], []
+        for c in chunk_ids:  # the stage's own filesystem: local, s3://, gs://
+            t = pq.read_table(out.data_path(c), filesystem=out.fs, columns=[DESCRIPTION_HASH, schema.TEXT_EMBEDDING])
+            hashes += t.column(DESCRIPTION_HASH).to_pylist()
+            vectors += t.column(schema.TEXT_EMBEDDING).to_pylist()
+            if len(hashes) >= 50_000:  # enough to measure; the rest of a large corpus is no different
+                break
         return text_signal(vectors, hashes)
     except Exception as e:  # noqa: BLE001 - a diagnostic must never fail the stage
-        log.warning("embed: text signal not measured: %s", e)
+        log.warning("embed: text signal not measured: %s: %s", type(e).__name__, e)
         return {}
 
 
