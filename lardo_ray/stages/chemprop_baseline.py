@@ -199,7 +199,7 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
                         from lardo_ray.stages.finetune import write_predictions
 
                         path = str(root / f"seed{seed}" / f"{_safe(key)}__{METHOD}__{ft.split}__seed{seed}.parquet")
-                        write_predictions(path, data, np.asarray(split_for(prepared, ft, seed).test),
+                        write_predictions(path, data, np.asarray(splits[seed].test),
                                           np.load(pred_file))
                         tracker.log_artifact(path)
                         tracker.set_tags({TAG_PREDICTIONS: os.path.basename(path)})

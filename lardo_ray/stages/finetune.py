@@ -506,13 +506,6 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         p = prepared[g.dataset_key]
         for s in g.cfg.finetune.seeds:
             g.splits[s] = split_for(p, g.cfg.finetune, s)
-        if g.cfg.finetune.dsm_features != "none" and p.descriptors is None:  # once, shipped with the graphs
-            from lardo_ray.finetune.train import dsm_descriptors
-
-            t_d = time.perf_counter()
-            X = dsm_descriptors(p, cfg.ingest.max_atoms)
-            _progress(cfg, f"{g.dataset_key}: {X.shape[1]} DSM descriptors per molecule for the head "
-                           f"in {time.perf_counter() - t_d:.1f} s")
 
     # classical baselines: their features once per (dataset, kind), shared by every seed
     features: dict[tuple[str, str], Any] = {}
@@ -527,6 +520,20 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                            + (f"; {nan:,} NaN/inf values (replaced by the training median per seed)" if nan else "")
                            + (f"; {f.n_not_standardised} molecule(s) not standardisable, featurised as parsed"
                               if f.n_not_standardised else ""))
+
+    # the DSM descriptors a +dsm head reads: once per dataset, shipped with the graphs (rf_dsm's when it ran)
+    for g in groups:
+        p = prepared[g.dataset_key]
+        if g.cfg.finetune.dsm_features != "none" and p.descriptors is None:
+            from lardo_ray.finetune.train import dsm_descriptors
+
+            if (g.dataset_key, "rf_dsm") in features:
+                p.descriptors = features[(g.dataset_key, "rf_dsm")].X
+                continue
+            t_d = time.perf_counter()
+            X = dsm_descriptors(p, cfg.ingest.max_atoms)
+            _progress(cfg, f"{g.dataset_key}: {X.shape[1]} DSM descriptors per molecule for the head "
+                           f"in {time.perf_counter() - t_d:.1f} s")
 
     results: list[FinetuneResult] = []
 
