@@ -27,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input", help="input: file, directory, glob, s3://..., a saved HF dataset dir or hf:NAME (input.path)")
     g.add_argument("--output", help="output root directory or URI (run.output_dir)")
     g.add_argument("--smiles-column", help="SMILES column of the input (input.smiles_column)")
+    g.add_argument("--tracking-uri", help="MLflow tracking store (tracking.tracking_uri; default $MLFLOW_TRACKING_URI "
+                   "or sqlite:///<output>/mlflow.db), e.g. the store a model was registered in")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g.add_argument("-q", "--quiet", action="store_true", help="no per-chunk progress lines")
     g.add_argument("--allow-partial", action="store_true",
@@ -35,7 +37,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
     top = {"input.path": args.input, "run.output_dir": args.output, "input.smiles_column": args.smiles_column,
-           "finetune.encoder": getattr(args, "encoder_flag", None), "finetune.dataset": getattr(args, "dataset_flag", None)}
+           "finetune.encoder": getattr(args, "encoder_flag", None), "finetune.dataset": getattr(args, "dataset_flag", None),
+           "tracking.tracking_uri": args.tracking_uri}
+    if getattr(args, "model_flag", None):
+        top[f"{args.command}.model"] = args.model_flag
     if getattr(args, "quiet", False):
         top["run.progress"] = False
     if getattr(args, "allow_partial", False):
@@ -43,21 +48,27 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides, top)
 
 
-# What each stage reads: a stage that reads the previous stage's output has no input of its own.
-READS = {"describe": "dsm", "embed": "describe", "featurize": "embed (or describe with model.freeze_text=false)",
-         "pretrain": "featurize"}
+def _reads(stage: str) -> bool:
+    """A chunked stage of the pipeline that reads its upstream stage's output (not --input)."""
+    from lardo_ray.stages.registry import STAGES, pipeline_order
+
+    st = STAGES.get(stage)
+    return st is not None and st.upstream is not None and stage in pipeline_order()
 
 
 def _upstream(args: argparse.Namespace, cfg: PipelineConfig) -> int | None:
     """--input on a stage that reads its upstream stage: refuse it, or with --with-upstream run the stages
     before it (each resumes: finished ones are skipped) and then this one, as a pipeline."""
+    from lardo_ray.stages.registry import get
+
     stage = args.command
-    if stage not in READS:
+    if not _reads(stage):
         return None
     if not getattr(args, "with_upstream", False):
         if args.input:
+            reads = get(stage).upstream_of(cfg)
             raise ConfigError(
-                f"{stage} reads the {READS[stage]} stage's output under {cfg.run.output_dir}/, not --input; run "
+                f"{stage} reads the {reads} stage's output under {cfg.run.output_dir}/, not --input; run "
                 f"`lardo-ray dsm --input {args.input}` and the stages after it first, or add --with-upstream to "
                 f"run the missing upstream stages (dsm ... {stage}) on {args.input}")
         return None
@@ -74,6 +85,13 @@ def _upstream(args: argparse.Namespace, cfg: PipelineConfig) -> int | None:
     return _exit_code(cfg, result)
 
 
+def cmd_stage(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    """Any registered chunked stage without flags of its own."""
+    from lardo_ray.stages.lifecycle import run_stage
+
+    return _print_summary(cfg, run_stage(args.command, cfg))
+
+
 def cmd_dsm(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.list_descriptors:
         from lardo_ray.chem.descriptors import groups, registry
@@ -82,12 +100,7 @@ def cmd_dsm(args: argparse.Namespace, cfg: PipelineConfig) -> int:
             print(f"{name:32s} {calc.group:10s} {calc.unit:6s} {calc.description}")
         print(f"\n{len(registry())} descriptors; groups: " + ", ".join(f"{g} ({len(v)})" for g, v in groups().items()))
         return 0
-    from lardo_ray.stages.ingest_dsm import run_dsm
-
-    summary = run_dsm(cfg)
-    print("\n".join(summary.lines()))
-    _print_mlflow_hint(cfg, summary.not_logged)
-    return 0
+    return cmd_stage(args, cfg)
 
 
 def _print_mlflow_hint(cfg: PipelineConfig, not_logged: list[str]) -> None:
@@ -123,12 +136,6 @@ def _exit_code(cfg: PipelineConfig, result) -> int:
     return 0 if cfg.run.allow_partial else 1
 
 
-def cmd_featurize(args: argparse.Namespace, cfg: PipelineConfig) -> int:
-    from lardo_ray.stages.featurize import run_featurize
-
-    return _print_summary(cfg, run_featurize(cfg))
-
-
 def cmd_describe(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     if args.list_tasks:
         from lardo_ray.llm.cards import list_cards, load_card
@@ -137,15 +144,7 @@ def cmd_describe(args: argparse.Namespace, cfg: PipelineConfig) -> int:
             card = load_card(name)
             print(f"{name:14s} {card.task_type:15s} {card.endpoint}")
         return 0
-    from lardo_ray.stages.describe import run_describe
-
-    return _print_summary(cfg, run_describe(cfg))
-
-
-def cmd_embed(args: argparse.Namespace, cfg: PipelineConfig) -> int:
-    from lardo_ray.stages.embed import run_embed
-
-    return _print_summary(cfg, run_embed(cfg))
+    return cmd_stage(args, cfg)
 
 
 def cmd_compare(args: argparse.Namespace, cfg: PipelineConfig) -> int:
@@ -232,43 +231,27 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--published", action="store_true", help="add the published anchors (MolCLR, D-MPNN, MoleculeSTM)")
 
 
-# name -> (help, handler, extra-arguments adder). Later stages add their rows here.
-SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
-    "dsm": (
-        "ingest + DSM: standardise molecules, assign mol_id, compute RDKit descriptors (Ray Data actor pool)",
-        cmd_dsm,
-        lambda p: p.add_argument("--list-descriptors", action="store_true", help="list the DSM registry and exit"),
-    ),
-    "describe": (
-        "LarDo descriptions: stage 1 (LLM template, DSM-calibrated) + stage 2 (one per molecule); reads dsm/",
-        cmd_describe,
-        lambda p: p.add_argument("--list-tasks", action="store_true", help="list the bundled task cards and exit"),
-    ),
-    "embed": (
-        "frozen text encoder: one embedding per description (reads describe/, writes embed/)",
-        cmd_embed,
-        None,
-    ),
-    "featurize": (
-        "SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",
-        cmd_featurize,
-        None,
-    ),
-    "pretrain": (
-        "graph-text contrastive pre-training on Ray Train (+ DeepSpeed); resumes from its checkpoints",
-        cmd_pretrain,
-        None,
-    ),
-    "finetune": (
-        "fine-tune and evaluate on a MoleculeNet task (scaffold split, seeds as Ray tasks, MLflow runs)",
-        cmd_finetune,
-        _finetune_args,
-    ),
-    "compare": (
-        "read fine-tune runs from MLflow: dataset x method table (mean ± std), CSV, Markdown, PNG bar chart",
-        cmd_compare,
-        _compare_args,
-    ),
+def _model_arg(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--model", dest="model_flag", metavar="URI",
+                   help=f"the model ({stage}.model): models:/NAME/VERSION, models:/NAME@alias, runs:/ID/model or a "
+                   "directory; `lardo-ray finetune` registers each method's seed ensemble as <dataset>-<method>")
+
+
+# Stage-specific handlers and flags (name -> (handler, extra-arguments adder)); every other registered
+# stage gets cmd_stage. The subcommands themselves, their order and help come from the stage registry.
+HANDLERS: dict[str, tuple[Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
+    "dsm": (cmd_dsm, lambda p: p.add_argument("--list-descriptors", action="store_true",
+                                              help="list the DSM registry and exit")),
+    "describe": (cmd_describe, lambda p: p.add_argument("--list-tasks", action="store_true",
+                                                        help="list the bundled task cards and exit")),
+    "pretrain": (cmd_pretrain, None),
+    "predict": (cmd_stage, lambda p: _model_arg(p, "predict")),
+    "encode": (cmd_stage, lambda p: _model_arg(p, "encode")),
+    "finetune": (cmd_finetune, _finetune_args),
+    "compare": (cmd_compare, _compare_args),
+}
+# Commands that run several stages.
+COMPOSITES: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]] = {
     "pipeline": (
         "the whole job: dsm -> describe -> embed -> featurize -> pretrain -> finetune -> compare (resumable)",
         cmd_pipeline,
@@ -283,6 +266,14 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], 
 }
 
 
+def subcommands() -> dict[str, tuple[str, Callable, Callable[[argparse.ArgumentParser], None] | None]]:
+    from lardo_ray.stages.registry import STAGES
+
+    out = {name: (st.help, *HANDLERS.get(name, (cmd_stage, None))) for name, st in STAGES.items()}
+    out.update(COMPOSITES)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lardo-ray",
@@ -292,13 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
-    for name, (help_text, _, extra) in SUBCOMMANDS.items():
+    for name, (help_text, _, extra) in subcommands().items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
         if extra:
             extra(p)
-        if name in READS:
+        if _reads(name):
             p.add_argument("--with-upstream", action="store_true",
                            help=f"run the stages before {name} first (dsm ... {name}; finished ones are skipped) "
                            "on --input / input.path")
@@ -320,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _upstream(args, cfg)
         if code is not None:
             return code
-        return SUBCOMMANDS[args.command][1](args, cfg)
+        return subcommands()[args.command][1](args, cfg)
     except ConfigError as e:
         print(f"lardo-ray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -18,9 +18,17 @@ from pydantic import Field, ValidationError, field_validator
 from lardo_ray.config_base import ConfigError, RayResources, Section
 from lardo_ray.finetune.settings import CompareConfig, FinetuneConfig
 from lardo_ray.llm.settings import DescribeConfig
+from lardo_ray.stages.predict import ApplyModelConfig
+from lardo_ray.stages.registry import STAGES, pipeline_order
 from lardo_ray.train.settings import EmbedConfig, FeaturizeConfig, ModelConfig, PretrainConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "RayResources", "Section", "load_config", "dump_config"]
+
+
+# The stage names come from the registry (lardo_ray.stages.registry), the one place they are listed.
+PIPELINE_STAGES = pipeline_order()
+PipelineStageName = Literal[PIPELINE_STAGES]  # type: ignore[valid-type]
+StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 
 
 class RunConfig(Section):
@@ -33,7 +41,7 @@ class RunConfig(Section):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, description="logical CPUs of a local Ray instance (ignored on a cluster)"
     )
-    stage_dirs: dict[Literal["dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare"], str] = Field(
+    stage_dirs: dict[StageName, str] = Field(
         default_factory=dict, description="per-stage output dir instead of <output_dir>/<stage> (e.g. one DSM "
         "output shared by several runs)",
     )
@@ -79,17 +87,19 @@ class DsmConfig(Section):
     ray: RayResources = Field(default_factory=lambda: RayResources(num_cpus=1.0))
 
 
-PIPELINE_STAGES = ("dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare")
 
 
 class PipelineSection(Section):
-    stages: list[Literal["dsm", "describe", "embed", "featurize", "pretrain", "finetune", "compare"]] = Field(
+    stages: list[PipelineStageName] = Field(
         default_factory=lambda: list(PIPELINE_STAGES),
         description="stages `lardo-ray pipeline` runs, in this order (embed is skipped when model.freeze_text=false)",
     )
     scratch_baseline: bool = Field(
         default=True, description="also fine-tune a randomly initialised encoder on the same splits, for compare"
     )
+    predict_input: str | None = Field(
+        default=None, description="after fine-tuning, score this file of molecules (a 'smiles' column; a 'name' "
+        "column is kept) with the model the run registered, into <output_dir>/predict (the demo's last step)")
     method_name: str | None = Field(
         default=None, description="method label of the pre-trained encoder in compare; None = what wrote its text "
         "(describe.text_writer_label: 'rules', 'llm:smollm2', or 'llm:smollm2x8+rules' for an LLM slice)")
@@ -167,6 +177,8 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    predict: ApplyModelConfig = Field(default_factory=ApplyModelConfig)
+    encode: ApplyModelConfig = Field(default_factory=ApplyModelConfig)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -35,6 +35,11 @@ def mol_id_of(canonical_smiles: str) -> str:
     return hashlib.blake2b(canonical_smiles.encode(), digest_size=8).hexdigest()
 
 
+# Bumped whenever standardisation changes what a molecule becomes: saved models record it (their graphs
+# and descriptors were computed from molecules standardised this way) and refuse another version.
+STANDARDISER_VERSION = "1"
+
+
 class Standardiser:
     """Sanitise, keep the largest organic fragment, neutralise, canonicalise.
 

@@ -51,6 +51,20 @@ class BaselineFeatures:
     seconds: float
 
 
+def descriptor_matrix(mols: list) -> np.ndarray:
+    """All DSM descriptors of RDKit molecules as float32, NaN where not computable (rf_dsm's features and
+    finetune.dsm_features' input; saved models compute new molecules' the same way)."""
+    from lardo_ray.chem.descriptors import DescriptorCalculator
+
+    values, _ = DescriptorCalculator("all").compute(mols)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values[~np.isfinite(values)] = np.nan
+        # float32 would overflow on a few descriptors (Ipc): keep their order of magnitude instead
+        big = np.abs(values) > 1e30
+        values[big] = np.sign(values[big]) * 1e30
+    return values.astype(np.float32)
+
+
 def featurize(kind: str, smiles: list[str], max_atoms: int = 200) -> BaselineFeatures:
     """The baseline's input features for ``smiles`` (the labelled set's rows, in order)."""
     from rdkit import Chem
@@ -72,14 +86,7 @@ def featurize(kind: str, smiles: list[str], max_atoms: int = 200) -> BaselineFea
     if kind == "rf_dsm":
         from lardo_ray.chem.descriptors import DescriptorCalculator
 
-        calc = DescriptorCalculator("all")
-        values, _ = calc.compute(mols)
-        with np.errstate(over="ignore", invalid="ignore"):
-            values[~np.isfinite(values)] = np.nan
-            # float32 would overflow on a few descriptors (Ipc): keep their order of magnitude instead
-            big = np.abs(values) > 1e30
-            values[big] = np.sign(values[big]) * 1e30
-        X, names = values.astype(np.float32), list(calc.names)
+        X, names = descriptor_matrix(mols), list(DescriptorCalculator("all").names)
     else:
         from rdkit.Chem import rdFingerprintGenerator
 

@@ -99,6 +99,14 @@ class FinetuneConfig(Section):
         "concatenated with the graph embedding before the head, each mapped through its empirical CDF on the "
         "training rows (chemprop's rdkit_2d_normalized idea); none: the graph embedding alone",
     )
+    save_models: bool = Field(
+        default=True, description="keep each seed's tested (best-validation) weights as an MLflow model on its "
+        "run, and the method's seed ensemble on the method's run (lardo_ray.models.saved; `lardo-ray predict`)",
+    )
+    register_models: bool = Field(
+        default=True, description="register the seed ensemble in the MLflow model registry as "
+        "'<dataset>-<method>' (a new version per fine-tune; needs a database-backed store: sqlite or a server)",
+    )
     baselines: list[Literal["rf_dsm", "rf_ecfp"]] = Field(
         default_factory=list, description="classical baselines fitted on the same splits and seeds beside the GNN "
         "(rf_dsm: random forest on the dsm stage's RDKit descriptors; rf_ecfp: on ECFP4 2048-bit fingerprints); "

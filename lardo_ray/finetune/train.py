@@ -17,6 +17,7 @@ a seed); on CPU with a fixed number of torch threads, the same seed gives bit-id
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -194,10 +195,10 @@ def dsm_descriptors(prepared: PreparedTask, max_atoms: int = 200) -> np.ndarray:
     return prepared.descriptors
 
 
-def normalise_descriptors(X: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Each descriptor through its empirical CDF on the training rows (values in [0, 1], outliers and
-    heavy tails tamed; chemprop's rdkit_2d_normalized does this with CDFs fitted on a reference set). A
-    missing value sits at the middle of the distribution (0.5); nothing is fitted on valid or test rows."""
+def fit_descriptor_normaliser(X: np.ndarray, train: np.ndarray):
+    """Each descriptor's empirical CDF on the training rows (values in [0, 1], outliers and heavy tails
+    tamed; chemprop's rdkit_2d_normalized does this with CDFs fitted on a reference set). Nothing is fitted
+    on valid or test rows. Saved with the model: new molecules go through the same CDFs."""
     import warnings
 
     from sklearn.preprocessing import QuantileTransformer
@@ -207,8 +208,21 @@ def normalise_descriptors(X: np.ndarray, train: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # columns with every training value missing: NaN, then 0.5 below
         qt.fit(X[train].astype(np.float64))
+    return qt
+
+
+def apply_descriptor_normaliser(qt, X: np.ndarray) -> np.ndarray:
+    """A missing value sits at the middle of the distribution (0.5)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         out = qt.transform(X.astype(np.float64))
     return np.nan_to_num(out, nan=0.5).astype(np.float32)
+
+
+def normalise_descriptors(X: np.ndarray, train: np.ndarray) -> np.ndarray:
+    return apply_descriptor_normaliser(fit_descriptor_normaliser(X, train), X)
 
 
 def clear_cache() -> None:
@@ -323,6 +337,7 @@ class SeedResult:
     threads: int = 1
     model: Any = None  # the tested PropertyModel, only with finetune_seed(keep_model=True)
     worker: str = ""  # host:pid of the process that trained it
+    member: Any = None  # lardo_ray.models.saved.Member: the tested weights (finetune.save_models)
 
     @property
     def test_value(self) -> float:
@@ -378,9 +393,11 @@ def finetune_seed(
         return _per_target_seed(cfg, seed, prepared, split, encoder, threads, verbose, t_start)
 
     D: torch.Tensor | None = None  # normalised descriptors of every molecule (dsm_features=all)
+    normaliser = None
     if ft.dsm_features != "none":
-        D = torch.as_tensor(normalise_descriptors(dsm_descriptors(prepared, cfg.ingest.max_atoms),
-                                                  np.asarray(split.train)), device=device)
+        X_desc = dsm_descriptors(prepared, cfg.ingest.max_atoms)
+        normaliser = fit_descriptor_normaliser(X_desc, np.asarray(split.train))
+        D = torch.as_tensor(apply_descriptor_normaliser(normaliser, X_desc), device=device)
 
     def desc(idx) -> torch.Tensor | None:
         return None if D is None else D[torch.as_tensor(idx, device=device)]
@@ -503,6 +520,15 @@ def finetune_seed(
         None)
     test_m, test_pred = score("test", split.test)
     eval_seconds += time.perf_counter() - t_ev
+    member = None
+    if ft.save_models:  # the tested weights, to be saved as an MLflow model (lardo_ray.models.saved)
+        from lardo_ray.models.saved import Member, pickle_bytes, state_bytes
+
+        member = Member(seed=int(seed), state=state_bytes(model.state_dict()),
+                        normaliser=pickle_bytes(normaliser) if normaliser is not None else None,
+                        label_mean=scaler.mean.tolist() if scaler is not None else None,
+                        label_std=scaler.std.tolist() if scaler is not None else None,
+                        encoder_config=dataclasses.asdict(model.encoder.config), n_descriptors=model.n_descriptors)
     total = time.perf_counter() - t_start
     return SeedResult(
         seed=int(seed), dataset=data.name, method=ft.method_label(), split=ft.split, task_type=task_type,
@@ -518,7 +544,7 @@ def finetune_seed(
         valid_pred=None if valid_pred is None else valid_pred.astype(np.float32),
         task_mode="multitask" if data.n_tasks > 1 else "single_task", device=str(device),
         threads=int(torch.get_num_threads()), model=model if keep_model else None,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
+        worker=f"{socket.gethostname()}:{os.getpid()}", member=member,
     )
 
 

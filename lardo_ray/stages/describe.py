@@ -19,18 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lardo_ray import schema
-from lardo_ray.config import PipelineConfig, dump_config
+from lardo_ray.config import PipelineConfig
 from lardo_ray.io import StageOutput
-from lardo_ray.stages.common import (
-    ShardWorker,
-    StageSummary,
-    finish,
-    num_rows,
-    open_output,
-    reconcile,
-    run_pending,
-    upstream_chunks,
-)
+from lardo_ray.stages.lifecycle import ChunkWorker, Plan, StageSummary, run_stage
 
 log = logging.getLogger("lardo_ray")
 STAGE = "describe"
@@ -82,7 +73,7 @@ def describe_stage1(cfg: PipelineConfig):
     return Template.model_validate_json(text)
 
 
-class _LazyLLMCore:
+class DescribeCore:
     """Stage 2 that loads the LLM only when a batch has rows routed to it: with a small
     ``describe.llm_slice`` most actors never need the model and never pay for loading it."""
 
@@ -113,23 +104,14 @@ class _LazyLLMCore:
         return self.with_llm(table)
 
 
-class DescribeWorker(ShardWorker):
-    """One backend per actor. A chunk already written is re-run only for its failed rows."""
-
-    stage = STAGE
-
-    def build_core(self, cfg: PipelineConfig):
-        return _LazyLLMCore(cfg, self.template_json)
-
-    def __init__(self, config: dict[str, Any], stage_dir: str, upstream_dir: str, config_hash: str,
-                 template_json: str):
-        self.template_json = template_json
-        super().__init__(config, stage_dir, upstream_dir, config_hash)
+class DescribeWorker(ChunkWorker):
+    """One backend per actor. Failed generations are rows with their error, not rejections; a chunk already
+    written is re-run only for its failed rows."""
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         chunk_id = unit["chunk_id"]
-        table = pq.read_table(self.up.data_path(chunk_id), filesystem=self.up.fs)
+        table = self.read(unit)
         if self.cfg.describe.llm_slice is not None:
             start = int(unit["row_offset"])
             flags = [start + i < self.cfg.describe.llm_slice for i in range(table.num_rows)]
@@ -213,60 +195,69 @@ def _quality(out: StageOutput, chunk_ids: list[str]) -> dict[str, Any]:
     return out_
 
 
-def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:
-    from lardo_ray.execution import init_ray
-    from lardo_ray.tracking import make_tracker
+# ---------------------------------------------------------------- the stage's hooks (registry: "describe")
 
-    t0 = time.time()
-    up, chunk_ids, fingerprint = upstream_chunks(cfg, "dsm")
+
+def check(cfg: PipelineConfig) -> None:
     if cfg.describe.backend == "openai":
         from lardo_ray.llm.backends.base import create_backend
 
         create_backend(cfg.describe).check()  # an unreachable endpoint fails here, before any work
-    tracker = tracker or make_tracker(cfg)
-    tracker.check_reachable()
-    config_hash = cfg.fingerprint("describe")
-    out = open_output(cfg, STAGE, config_hash, fingerprint, len(chunk_ids))
+
+
+def prepare(cfg: PipelineConfig, out: StageOutput, tracker) -> dict[str, Any]:
+    """Stage 1, once per task: the template every worker gets, saved beside the output and in MLflow."""
+    from lardo_ray.execution import init_ray
+
+    init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
+    template = describe_stage1(cfg)
+    template_json = template.model_dump_json(indent=2)
+    with out.fs.open_output_stream(f"{out.path}/template.json") as f:
+        f.write(template_json.encode())
+    tracker.log_text(template_json, f"templates/{template.template_id}.json")
+    tracker.set_tags({"lardo.template_id": template.template_id})
+    return {"template_json": template_json}
+
+
+def todo(out: StageOutput, plan: Plan, config_hash: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Chunks without a marker, plus (describe.retry_failed) finished ones that hold failed generations."""
     markers = out.read_markers()
     done = {k for k, v in markers.items() if v.get("config_hash") == config_hash}
     retry = {k for k in done if markers[k].get("n_failed", 0) > 0} if cfg.describe.retry_failed else set()
-    rows = [num_rows(up, up.data_path(c)) for c in chunk_ids]
-    offsets = dict(zip(chunk_ids, [sum(rows[:i]) for i in range(len(rows))]))
-    rows_by_chunk = dict(zip(chunk_ids, rows))
-    todo = [c for c in chunk_ids if c not in done or c in retry]
+    return [{**plan.units[c], "retry_failed": c in retry} for c in plan.chunk_ids if c not in done or c in retry]
 
-    with tracker.run(run_name=f"{cfg.run.name}/{STAGE}", tags={"stage": STAGE}):
-        tracker.log_params(cfg.model_dump(mode="json"))
-        tracker.log_text(dump_config(cfg), "config.yaml")
-        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
-        template = describe_stage1(cfg)
-        template_json = template.model_dump_json(indent=2)
-        with out.fs.open_output_stream(f"{out.path}/template.json") as f:
-            f.write(template_json.encode())
-        tracker.log_text(template_json, f"templates/{template.template_id}.json")
-        tracker.set_tags({"lardo.template_id": template.template_id})
-        units = [{"chunk_id": c, "row_offset": offsets[c], "retry_failed": c in retry} for c in todo]
-        if cfg.describe.backend == "vllm":
-            from lardo_ray.stages.describe_vllm import run_vllm_waves
 
-            run_vllm_waves(cfg, up, out, units, template, config_hash)
-        else:
-            kwargs = {"config": cfg.model_dump(mode="json"), "stage_dir": out.uri, "upstream_dir": up.uri,
-                      "config_hash": config_hash, "template_json": template_json}
-            res = cfg.describe.ray
-            run_pending(cfg, STAGE, units, DescribeWorker, kwargs, res, [rows_by_chunk[c] for c in todo])
-        summary = reconcile(out, STAGE, chunk_ids, sum(rows))
-        summary.chunks_skipped = len(chunk_ids) - len(todo)
-        summary.wall_seconds = time.time() - t0
-        summary.mol_per_s = sum(rows_by_chunk[c] for c in todo) / max(summary.wall_seconds, 1e-9)
-        kept = ", ".join(p.property for p in template.properties)
-        summary.extra.update({"template": f"{template.template_id} ({template.source}; {kept})"[:300]})
-        if template.dropped:
-            summary.extra["dropped"] = ", ".join(f"{d.property} ({d.reason})" for d in template.dropped)[:300]
-        summary.extra.update(_quality(out, chunk_ids))
-        tracker.log_metrics(summary.metrics())
-        summary.not_logged = list(tracker.not_logged)
-        summary.mlflow_run_id = tracker.run_id
-    finish(out, summary, config_hash, fingerprint, chunk_ids, template_id=template.template_id,
-           quality={k: v for k, v in summary.extra.items()})
-    return summary
+def execute(cfg: PipelineConfig, plan: Plan, out: StageOutput, units: list[dict[str, Any]], context: dict[str, Any],
+            config_hash: str) -> bool:
+    """The vllm backend runs on Ray Data LLM actor pools in waves of shards; the others on the actor pool."""
+    if cfg.describe.backend != "vllm":
+        return False
+    from lardo_ray.llm.stage1 import Template
+    from lardo_ray.stages.describe_vllm import run_vllm_waves
+
+    run_vllm_waves(cfg, plan.upstream, out, units, Template.model_validate_json(context["template_json"]),
+                   config_hash)
+    return True
+
+
+def summary(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str], context: dict[str, Any]) -> dict[str, Any]:
+    from lardo_ray.llm.stage1 import Template
+
+    template = Template.model_validate_json(context["template_json"])
+    kept = ", ".join(p.property for p in template.properties)
+    extra: dict[str, Any] = {"template": f"{template.template_id} ({template.source}; {kept})"[:300]}
+    if template.dropped:
+        extra["dropped"] = ", ".join(f"{d.property} ({d.reason})" for d in template.dropped)[:300]
+    extra.update(_quality(out, chunk_ids))
+    return extra
+
+
+def manifest_extra(cfg: PipelineConfig, context: dict[str, Any], summary: StageSummary) -> dict[str, Any]:
+    from lardo_ray.llm.stage1 import Template
+
+    return {"template_id": Template.model_validate_json(context["template_json"]).template_id,
+            "quality": dict(summary.extra)}
+
+
+def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:
+    return run_stage("describe", cfg, tracker)

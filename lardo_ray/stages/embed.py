@@ -14,10 +14,9 @@ import pyarrow as pa
 
 from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
-from lardo_ray.stages.common import ShardWorker, StageSummary, run_derived_stage
+from lardo_ray.stages.lifecycle import StageSummary, run_stage
 
 STAGE = "embed"
-CARRIED = [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEMPLATE_ID]
 log = logging.getLogger("lardo_ray")
 
 DESCRIPTION_HASH = "description_hash"
@@ -60,16 +59,6 @@ class EmbedCore:
         return out, empty
 
 
-class EmbedWorker(ShardWorker):
-    stage = STAGE
-
-    def build_core(self, cfg: PipelineConfig):
-        return EmbedCore(cfg)
-
-    def columns(self) -> list[str]:
-        return [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEMPLATE_ID]
-
-
 def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: int = 0) -> dict[str, float]:
     """How much the text side can tell molecules apart (what contrastive pre-training aligns graphs to).
 
@@ -104,7 +93,8 @@ def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: i
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def _text_signal_summary(out, chunk_ids: list[str]) -> dict[str, float]:
+def summary(cfg: PipelineConfig, out, chunk_ids: list[str], context: dict) -> dict[str, float]:
+    """The registry hook: how distinct the text vectors are (text_signal), on the stage's own filesystem."""
     import pyarrow.parquet as pq
 
     try:
@@ -122,5 +112,4 @@ def _text_signal_summary(out, chunk_ids: list[str]) -> dict[str, float]:
 
 
 def run_embed(cfg: PipelineConfig, tracker=None) -> StageSummary:
-    return run_derived_stage(cfg, STAGE, "describe", EmbedWorker, cfg.embed.ray,
-                             sections=("embed", "model"), tracker=tracker, extra_summary=_text_signal_summary)
+    return run_stage("embed", cfg, tracker)

@@ -11,10 +11,9 @@ import pyarrow as pa
 
 from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
-from lardo_ray.stages.common import ShardWorker, StageSummary, run_derived_stage
+from lardo_ray.stages.lifecycle import StageSummary, run_stage
 
 STAGE = "featurize"
-CARRIED = [schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEXT_EMBEDDING, schema.TEMPLATE_ID]
 
 
 def featurize_upstream(cfg: PipelineConfig) -> str:
@@ -49,16 +48,5 @@ class FeaturizeCore:
         return pa.concat_tables(outs), rej
 
 
-class FeaturizeWorker(ShardWorker):
-    stage = STAGE
-
-    def build_core(self, cfg: PipelineConfig):
-        return FeaturizeCore(cfg)
-
-    def columns(self) -> list[str]:
-        return CARRIED
-
-
 def run_featurize(cfg: PipelineConfig, tracker=None) -> StageSummary:
-    return run_derived_stage(cfg, STAGE, featurize_upstream(cfg), FeaturizeWorker, cfg.featurize.ray,
-                             sections=("featurize",), tracker=tracker)
+    return run_stage("featurize", cfg, tracker)

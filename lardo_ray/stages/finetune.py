@@ -104,6 +104,8 @@ class FinetuneResult:
     csv_local: str | None = None  # the same file on this machine
     predictions_local: dict[int, str] = field(default_factory=dict)  # seed -> its test predictions (Parquet)
     not_logged: list[str] = field(default_factory=list)
+    model_uri: str | None = None  # the seed ensemble as an MLflow model (runs:/<parent>/model)
+    registered: str | None = None  # models:/<dataset>-<method>/<version>
 
     @property
     def ok(self) -> bool:
@@ -200,6 +202,9 @@ class FinetuneResult:
         if self.parent_run_id:
             out.append(f"  MLflow         parent run {self.parent_run_id} in experiment {self.experiment!r} "
                        f"({self.tracking_uri})")
+        if self.registered or self.model_uri:
+            out.append(f"  model          {self.registered or self.model_uri}  (`lardo-ray predict --model "
+                       f"{self.registered or self.model_uri} --input FILE`)")
         if self.csv_path:
             out.append(f"  table          {self.csv_path}")
         if self.not_logged:
@@ -433,6 +438,8 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                         if r.seed in res.predictions_local:
                             tracker.log_artifact(res.predictions_local[r.seed])
                             tracker.set_tags({TAG_PREDICTIONS: os.path.basename(res.predictions_local[r.seed])})
+                        if r.member is not None:
+                            _log_saved_model(tracker, g, res, prepared, [r])
                 tracker.run_id = parent_id
             for seed, err in sorted(res.failed.items()):
                 tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=seed, **base), **extra}
@@ -451,11 +458,57 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                                      "n_failed_seeds": float(len(res.failed))})
             if res.csv_local:
                 tracker.log_artifact(res.csv_local)
+            members = [r for r in res.seeds if r.member is not None]
+            if members and not res.failed:  # an ensemble that lost a seed is not the method's model
+                res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
+                if res.model_uri and ft.register_models:
+                    res.registered = _register(tracker, g, res)
     finally:
         tracker.run_id = outer_run_id  # Tracker.run leaves the last run's id behind; the caller's run is back
     if tracker.enabled:
         res.experiment, res.tracking_uri = tracker.experiment, tracker.uri
     res.not_logged = list(tracker.not_logged[n_not_logged:])
+
+
+def registered_name(dataset: str, method: str) -> str:
+    return _safe_name(f"{dataset}-{method}")
+
+
+def _log_saved_model(tracker: Tracker, g: _Group, res: FinetuneResult, prepared: PreparedTask,
+                     seeds: list[SeedResult]) -> str | None:
+    """The seeds' tested weights as one lardo_ray model (an ensemble when several) in the active run."""
+    from lardo_ray.models.saved import ModelCard, save_property_model
+
+    ft = g.cfg.finetune
+    card = ModelCard(kind="property", name=registered_name(g.dataset_key, g.method), targets=list(prepared.data.task_names),
+                     task_type=res.task_type, encoder_config=seeds[0].member.encoder_config,
+                     n_descriptors=seeds[0].member.n_descriptors, head_hidden=ft.head_hidden,
+                     metrics=parent_summary([r.metrics() for r in seeds]) if len(seeds) > 1 else seeds[0].metrics(),
+                     config=g.cfg.model_dump(mode="json"))
+    uri: list[str] = []
+
+    def log() -> None:
+        from lardo_ray.models.mlflow_model import log_model
+
+        with tempfile.TemporaryDirectory(prefix="lardo-model-") as tmp:
+            d = save_property_model(os.path.join(tmp, "lardo_model"), card, [r.member for r in seeds])
+            uri.append(log_model(str(d)))
+
+    tracker._safe(f"model ({'seed ' + str(seeds[0].seed) if len(seeds) == 1 else 'seed ensemble'})", log)
+    return uri[0] if uri else None
+
+
+def _register(tracker: Tracker, g: _Group, res: FinetuneResult) -> str | None:
+    from lardo_ray.models.mlflow_model import register
+
+    tags = {"lardo.dataset": g.dataset_key, "lardo.method": g.method, "lardo.split": g.cfg.finetune.split,
+            "lardo.seeds": ",".join(str(r.seed) for r in res.seeds), "lardo.run_id": res.parent_run_id or ""}
+    for k, ms in res.summary().items():
+        tags[f"{k}_mean"], tags[f"{k}_std"] = f"{ms.mean:.6g}", f"{ms.std:.6g}"
+    out: list[str] = []
+    tracker._safe("model registry", lambda: out.append(register(res.model_uri, registered_name(g.dataset_key, g.method),
+                                                                tags, tracker.uri)))
+    return out[0] if out else None
 
 
 # ---------------------------------------------------------------------------------------------------------

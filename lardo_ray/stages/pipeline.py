@@ -26,9 +26,12 @@ class PipelineResult:
     compare_markdown: str | None = None
     compare_files: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    predictions: list[str] = field(default_factory=list)  # the predict step's table (pipeline.predict_input)
+    errors: list[str] = field(default_factory=list)
 
     def failures(self) -> list[str]:
-        return [line for res in self.stages.values() if hasattr(res, "failures") for line in res.failures()]
+        return [line for res in self.stages.values() if hasattr(res, "failures") for line in res.failures()] + \
+            self.errors
 
     def lines(self) -> list[str]:
         out = ["== pipeline summary ==", f"  outputs     {self.output_dir}/<stage>/"]
@@ -75,6 +78,17 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             result.stages[stage] = res
             _show(res, show)
             tracker.log_metrics({f"seconds.{stage}": result.seconds[stage]})
+        if cfg.pipeline.predict_input and "finetune" in result.stages:
+            _banner(len(stages) + 1, len(stages) + 1, "predict", show)
+            t0 = time.time()
+            res = predict_with_registered(cfg, result)
+            result.seconds["predict"] = time.time() - t0
+            if res is not None:
+                result.stages["predict"] = res
+                _show(res, show)
+                result.predictions = _prediction_lines(res)
+                if show:
+                    print("\n".join(result.predictions), flush=True)
         tracker.log_metrics({"seconds.total": sum(result.seconds.values())})
         if "compare" in result.stages:
             c = result.stages["compare"]
@@ -86,51 +100,81 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
 
 def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
-    if stage == "dsm":
-        from lardo_ray.stages.ingest_dsm import run_dsm
+    from lardo_ray.stages.lifecycle import run_stage
+    from lardo_ray.stages.registry import get, load_ref
 
-        return run_dsm(cfg)
-    if stage == "describe":
-        from lardo_ray.stages.describe import run_describe
+    st = get(stage)
+    return run_stage(st, cfg) if st.chunked else load_ref(st.run)(cfg, result)
 
-        return run_describe(cfg)
-    if stage == "embed":
-        from lardo_ray.stages.embed import run_embed
 
-        return run_embed(cfg)
-    if stage == "featurize":
-        from lardo_ray.stages.featurize import run_featurize
+def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult):
+    """The pipeline's fine-tune: its own encoder (or finetune.encoder) against scratch and the baselines."""
+    from lardo_ray import fs
+    from lardo_ray.finetune.model import EncoderResolveError
+    from lardo_ray.llm.settings import text_writer_label
+    from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
 
-        return run_featurize(cfg)
-    if stage == "pretrain":
-        from lardo_ray.stages.pretrain import run_pretrain
+    try:
+        encoder = pretrained_encoder(cfg, result)
+    except EncoderResolveError as e:
+        # The method then fails in the grid (named in the summary and in MLflow); scratch still runs.
+        log.error("pipeline: %s", e)
+        encoder = fs.join(cfg.stage_dir("pretrain"), "encoder")
+    methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name or text_writer_label(cfg.describe), encoder)]
+    if cfg.pipeline.scratch_baseline:
+        methods.append(("scratch", None))
+    methods += [baseline_method(kind) for kind in cfg.finetune.baselines]
+    return run_finetune_grid(cfg, methods)
 
-        return run_pretrain(cfg)
-    if stage == "finetune":
-        from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
 
-        from lardo_ray import fs
-        from lardo_ray.finetune.model import EncoderResolveError
+def compare_in_pipeline(cfg: PipelineConfig, result: PipelineResult):
+    from lardo_ray.stages.compare import compare, resolved_compare_config
 
-        try:
-            encoder = pretrained_encoder(cfg, result)
-        except EncoderResolveError as e:
-            # The method then fails in the grid (named in the summary and in MLflow); scratch still runs.
-            log.error("pipeline: %s", e)
-            encoder = fs.join(cfg.stage_dir("pretrain"), "encoder")
-        from lardo_ray.llm.settings import text_writer_label
+    return compare(resolved_compare_config(cfg))
 
-        methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name or text_writer_label(cfg.describe), encoder)]
-        if cfg.pipeline.scratch_baseline:
-            methods.append(("scratch", None))
-        methods += [baseline_method(kind) for kind in cfg.finetune.baselines]
-        return run_finetune_grid(cfg, methods)
-    if stage == "compare":
-        from lardo_ray.stages.compare import resolved_compare_config
-        from lardo_ray.stages.compare import compare
 
-        return compare(resolved_compare_config(cfg))
-    raise ValueError(stage)
+def predict_with_registered(cfg: PipelineConfig, result: PipelineResult):
+    """Score ``pipeline.predict_input`` with the pre-trained method's registered seed ensemble."""
+    from lardo_ray.llm.settings import text_writer_label
+    from lardo_ray.stages.lifecycle import run_stage
+
+    method = cfg.pipeline.method_name or text_writer_label(cfg.describe)
+    try:
+        ft = result.stages["finetune"].get(cfg.finetune.dataset, method)
+    except KeyError:
+        result.errors.append(f"predict: no fine-tune result of {cfg.finetune.dataset}/{method} to predict with")
+        return None
+    model = ft.registered or ft.model_uri
+    if not model:
+        result.errors.append(f"predict: {cfg.finetune.dataset}/{method} saved no model (failed seeds, "
+                             "finetune.save_models=false or MLflow unreachable): nothing to predict with")
+        return None
+    pcfg = cfg.model_copy(update={
+        "input": cfg.input.model_copy(update={"path": cfg.pipeline.predict_input, "smiles_column": "smiles",
+                                              "keep_columns": ["name"], "id_column": None, "limit": None}),
+        "predict": cfg.predict.model_copy(update={"model": model}),
+    })
+    return run_stage("predict", pcfg)
+
+
+def _prediction_lines(summary) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from lardo_ray.io import StageOutput
+
+    out = StageOutput(summary.output)
+    rows = []
+    for c in out.read_manifest().get("chunks", []):
+        rows += pq.read_table(out.data_path(c), filesystem=out.fs).to_pylist()
+    lines = [f"== predictions ({summary.extra.get('model', '')}) =="]
+    for r in rows:
+        preds = ", ".join(f"{k[5:]} {v:.3f} ± {r[k + '_std']:.3f}" for k, v in r.items()
+                          if k.startswith("pred_") and not k.endswith("_std"))
+        lines.append(f"  {str(r.get('name', r['input_smiles']))[:24]:<24s} {preds}")
+    if summary.n_rejected:
+        lines.append(f"  ({summary.n_rejected} refused: see {out.uri}/rejected/)")
+    lines.append(f"  written to {out.uri}/data/")
+    return lines
 
 
 def pretrained_encoder(cfg: PipelineConfig, result: PipelineResult) -> str:

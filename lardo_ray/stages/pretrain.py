@@ -59,6 +59,7 @@ class PretrainResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     not_logged: list[str] = field(default_factory=list)
     stage: str = STAGE
+    registered: str | None = None  # models:/<run name>-encoder/<version> (pyfunc: embeddings out)
 
     def lines(self) -> list[str]:
         m = self.final_metrics
@@ -70,7 +71,7 @@ class PretrainResult:
         out = [
             f"== {self.stage} summary ==",
             f"  output      {self.output}",
-            f"  encoder     {self.export_dir}",
+            f"  encoder     {self.export_dir}" + (f"  (registered: {self.registered})" if self.registered else ""),
             f"  rows        {self.train_rows:,} train, {self.eval_rows:,} held out",
             f"  steps       {self.steps:,} optimizer steps, {self.epochs} epochs, {self.num_workers} worker(s), {engine}"
             + (f"  (resumed at step {self.resumed_from_step:,})" if self.resumed_from_step else ""),
@@ -150,7 +151,7 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
     writable or the cluster too small; RuntimeError (naming the checkpoints to resume from) if training fails.
     """
     from lardo_ray.execution import init_ray
-    from lardo_ray.stages.common import upstream_chunks
+    from lardo_ray.stages.lifecycle import upstream_chunks
     from lardo_ray.tracking import make_tracker
     from lardo_ray.train import trainer as rt
     from lardo_ray.train.loop import deepspeed_config
@@ -230,6 +231,7 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
         try:
             for fname in sorted(os.listdir(local)):
                 tracker.log_artifact(os.path.join(local, fname), ENCODER_DIR)
+            result.registered = _log_encoder_model(cfg, tracker, local, result)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -239,3 +241,31 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
     out.write_manifest({**base_manifest, "status": "complete", "mlflow_run_id": result.mlflow_run_id,
                         "result": {k: v for k, v in asdict(result).items() if k not in ("skipped", "not_logged")}})
     return result
+
+
+def _log_encoder_model(cfg: PipelineConfig, tracker, export_dir: str, result: PretrainResult) -> str | None:
+    """The encoder as an MLflow model (pyfunc: SMILES in, embeddings out), registered as <run name>-encoder."""
+    import re
+
+    name = re.sub(r"[^0-9A-Za-z_.-]+", "_", f"{cfg.run.name}-encoder").strip("_")
+    out: list[str] = []
+
+    def log() -> None:
+        from lardo_ray.models.mlflow_model import log_model, register
+        from lardo_ray.models.saved import save_encoder_model
+
+        with tempfile.TemporaryDirectory(prefix="lardo-encoder-") as tmp:
+            d = save_encoder_model(os.path.join(tmp, "lardo_model"), export_dir, name, cfg.model_dump(mode="json"),
+                                   result.final_metrics)
+            uri = log_model(str(d))
+        out.append(uri)
+        if cfg.finetune.register_models:
+            out.append(register(uri, name, {"lardo.kind": "encoder", "lardo.run_id": tracker.run_id or "",
+                                            **{k: f"{v:.6g}" for k, v in result.final_metrics.items()}}, tracker.uri))
+
+    tracker._safe("encoder model", log)
+    return out[-1] if out else None
+
+
+def run_in_pipeline(cfg: PipelineConfig, result) -> PretrainResult:
+    return run_pretrain(cfg)

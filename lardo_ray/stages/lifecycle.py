@@ -1,9 +1,10 @@
-"""What every chunked stage shares: output checks, resume, the Ray run, reconciliation, the summary.
+"""The one lifecycle of a chunked stage: plan -> check the output -> skip finished units -> run the rest on
+Ray -> reconcile counts from disk -> log to MLflow -> write the manifest.
 
-A stage is a *core* (``__call__(table) -> (rows, rejected)``, no Ray) plus this scaffolding. The first
-stage's units are input chunks (lardo_ray.io.plan_chunks); every later stage's units are the previous
-stage's shards, one to one, so the chain stays linear and a molecule never needs a join to meet its
-other columns.
+A stage is a *core* (``__call__(table) -> (rows, rejected)``, no Ray) plus its registration
+(lardo_ray.stages.registry); ``run_stage`` runs any registered one. An input stage's units are input
+chunks (lardo_ray.io.plan_chunks); every other stage's units are its upstream stage's shards, one to
+one, so the chain stays linear and a molecule never needs a join to meet its other columns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lardo_ray.chem.standardise import DUPLICATE
 from lardo_ray.config import ConfigError, PipelineConfig, dump_config
 from lardo_ray.config_base import RayResources
 from lardo_ray.io import StageOutput, check_writable
+from lardo_ray.stages.registry import Stage
 
 log = logging.getLogger("lardo_ray")
 
@@ -170,75 +172,173 @@ def upstream_chunks(cfg: PipelineConfig, upstream: str) -> tuple[StageOutput, li
     return up, list(manifest["chunks"]), f"{upstream}:{manifest['config_hash']}:{manifest['input_fingerprint']}"
 
 
-class ShardWorker:
-    """Base of a derived stage's worker: upstream shard -> core -> this stage's shard + marker."""
+@dataclass
+class Plan:
+    """What a stage will read: its units (one per chunk, in order), their rows, the input's fingerprint."""
 
-    stage = "?"
+    chunk_ids: list[str]
+    units: dict[str, dict[str, Any]]  # chunk_id -> the row a worker gets
+    rows: dict[str, int]
+    fingerprint: str
+    upstream: StageOutput | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
 
-    def __init__(self, config: dict[str, Any], stage_dir: str, upstream_dir: str, config_hash: str):
+    @property
+    def n_rows(self) -> int:
+        return sum(self.rows.values())
+
+
+def _input_chunk_rows(cfg: PipelineConfig, stage: Stage):
+    """Rows per chunk: the plan an earlier run of this output used (a resumed run must find the same chunks,
+    whatever the cluster's size now), else sized from the input's row count and the actor pool
+    (``auto_chunk_rows``), ``input.chunk_rows`` being the upper bound."""
+    from lardo_ray.execution import init_ray, pool_size
+    from lardo_ray.io import MIN_CHUNK_ROWS, auto_chunk_rows
+
+    manifest = None if cfg.run.overwrite else StageOutput(cfg.stage_dir(stage.name)).read_manifest()
+    if manifest and manifest.get("chunk_rows"):
+        return int(manifest["chunk_rows"])
+
+    def size(total: int) -> int:
+        if total <= MIN_CHUNK_ROWS:
+            return cfg.input.chunk_rows  # one small chunk: no need to start Ray to plan it
+        init_ray(cfg.run.ray_address, cfg.run.ray_num_cpus, cfg.run.ray_dashboard)
+        return auto_chunk_rows(total, pool_size(stage.resources_of(cfg), 1 << 30), cfg.input.chunk_rows)
+
+    return size
+
+
+def plan_input(cfg: PipelineConfig, stage: Stage) -> Plan:
+    from lardo_ray.io import input_fingerprint, plan_chunks
+
+    if not cfg.input.path:
+        raise ConfigError("config key 'input.path' is empty: give --input FILE or set input.path")
+    chunks = plan_chunks(cfg.input.path, fmt=cfg.input.format, smiles_column=cfg.input.smiles_column,
+                         id_column=cfg.input.id_column, keep_columns=cfg.input.keep_columns,
+                         chunk_rows=_input_chunk_rows(cfg, stage), limit=cfg.input.limit, hf_split=cfg.input.hf_split)
+    return Plan(chunk_ids=[c.chunk_id for c in chunks], units={c.chunk_id: c.to_row() for c in chunks},
+                rows={c.chunk_id: c.n_rows for c in chunks}, fingerprint=input_fingerprint(chunks),
+                manifest={"chunk_rows": max((c.n_rows for c in chunks), default=0)})
+
+
+def plan_upstream(cfg: PipelineConfig, upstream: str) -> Plan:
+    up, chunk_ids, fingerprint = upstream_chunks(cfg, upstream)
+    rows = {c: num_rows(up, up.data_path(c)) for c in chunk_ids}
+    offsets, total = {}, 0
+    for c in chunk_ids:  # a unit knows where its rows start: describe's llm_slice counts from the first row
+        offsets[c], total = total, total + rows[c]
+    return Plan(chunk_ids=chunk_ids, units={c: {"chunk_id": c, "row_offset": offsets[c]} for c in chunk_ids},
+                rows=rows, fingerprint=fingerprint, upstream=up)
+
+
+class SlicedCore:
+    """A core applied to slices of ``rows`` rows (per-row Python objects stay bounded on large shards)."""
+
+    def __init__(self, core, rows: int):
+        self.core, self.rows = core, rows
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        if table.num_rows <= self.rows:  # an empty chunk still gets (empty) shards, so its marker is honest
+            return self.core(table)
+        parts = [self.core(table.slice(i, self.rows)) for i in range(0, table.num_rows, self.rows)]
+        return pa.concat_tables([p[0] for p in parts]), pa.concat_tables([p[1] for p in parts])
+
+
+class ChunkWorker:
+    """One actor: the stage's core, built once; ``process`` does one unit end to end: read (an input chunk
+    or the upstream shard) -> core -> write rejected rows, then rows, then the marker."""
+
+    def __init__(self, stage: str, config: dict[str, Any], stage_dir: str, upstream_dir: str | None,
+                 config_hash: str, context: dict[str, Any] | None = None):
+        from lardo_ray.stages.registry import get, load_ref
+
+        self.stage = get(stage)
         self.cfg = PipelineConfig.model_validate(config)
         self.out = StageOutput(stage_dir)
-        self.up = StageOutput(upstream_dir)
+        self.up = StageOutput(upstream_dir) if upstream_dir else None
         self.config_hash = config_hash
-        self.core = self.build_core(self.cfg)
+        self.context = dict(context or {})
+        self.core = load_ref(self.stage.core)(self.cfg, **self.context)
 
-    def build_core(self, cfg: PipelineConfig):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def read(self, unit: dict[str, Any]) -> pa.Table:
+        if self.up is None:
+            from lardo_ray.io import ChunkSpec, read_chunk
 
-    def columns(self) -> list[str] | None:
-        """Upstream columns this stage needs (missing ones are skipped); None = all."""
-        return None
+            return read_chunk(ChunkSpec.from_row(unit))
+        path = self.up.data_path(unit["chunk_id"])
+        wanted = list(self.stage.columns) if self.stage.columns is not None else None
+        if wanted is not None:  # optional columns (e.g. text_embedding) are read when the shard has them
+            names = set(pq.read_schema(path, filesystem=self.up.fs).names)
+            wanted = [c for c in wanted if c in names]
+        return pq.read_table(path, columns=wanted, filesystem=self.up.fs)
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         chunk_id = unit["chunk_id"]
-        path = self.up.data_path(chunk_id)
-        wanted = self.columns()
-        if wanted is not None:  # optional columns (e.g. text_embedding) are read when the shard has them
-            names = set(pq.read_schema(path, filesystem=self.up.fs).names)
-            wanted = [c for c in wanted if c in names]
-        table = pq.read_table(path, columns=wanted, filesystem=self.up.fs)
+        table = self.read(unit)
         data, rejected = self.core(table)
         if table.num_rows != data.num_rows + rejected.num_rows:
-            raise RuntimeError(f"{self.stage} chunk {chunk_id}: {table.num_rows} read != written + rejected")
+            raise RuntimeError(f"{self.stage.name} chunk {chunk_id}: {table.num_rows} read != written + rejected")
         self.out.write_table_atomic(self.out.rejected_path(chunk_id), rejected)
         self.out.write_table_atomic(self.out.data_path(chunk_id), data)
         stats = {"chunk_id": chunk_id, "n_read": table.num_rows, "n_written": data.num_rows,
                  "n_rejected": rejected.num_rows, "seconds": round(time.time() - t0, 3),
-                 "config_hash": self.config_hash}
+                 "config_hash": self.config_hash, **self.marker_extra(data)}
         self.out.write_marker(chunk_id, stats)
         return stats
 
+    def marker_extra(self, data: pa.Table) -> dict[str, Any]:
+        return {}
 
-def run_derived_stage(cfg: PipelineConfig, stage: str, upstream: str, worker_cls: type, res: RayResources,
-                      sections: tuple[str, ...], tracker=None, extra_summary=None) -> StageSummary:
-    """Plan from the upstream manifest, skip finished shards, run the rest, reconcile, log."""
+
+def run_stage(stage: str | Stage, cfg: PipelineConfig, tracker=None) -> StageSummary:
+    """Run (or resume, or find finished) any registered chunked stage. Raises ConfigError before any work
+    when the setup is wrong; RuntimeError when counts do not reconcile."""
+    from lardo_ray.stages.registry import get
     from lardo_ray.tracking import make_tracker
 
+    st = get(stage) if isinstance(stage, str) else stage
     t0 = time.time()
-    up, chunk_ids, fingerprint = upstream_chunks(cfg, upstream)
-    config_hash = cfg.fingerprint(*sections)
+    if (check := st.hook("check")) is not None:
+        check(cfg)
+    check_writable(cfg.stage_dir(st.name))
+    upstream = st.upstream_of(cfg)
+    plan = plan_input(cfg, st) if upstream is None else plan_upstream(cfg, upstream)
+    config_hash = cfg.fingerprint(*st.sections)
     tracker = tracker or make_tracker(cfg)
     tracker.check_reachable()
-    out = open_output(cfg, stage, config_hash, fingerprint, len(chunk_ids))
-    todo = pending(out, chunk_ids, config_hash)
-    rows = [num_rows(up, up.data_path(c)) for c in chunk_ids]
-    rows_by_chunk = dict(zip(chunk_ids, rows))
-    with tracker.run(run_name=f"{cfg.run.name}/{stage}", tags={"stage": stage}):
+    out = open_output(cfg, st.name, config_hash, plan.fingerprint, len(plan.chunk_ids), **plan.manifest)
+    todo_hook = st.hook("todo")
+    units = (todo_hook(out, plan, config_hash, cfg) if todo_hook else
+             [plan.units[c] for c in pending(out, plan.chunk_ids, config_hash)])
+    todo_rows = sum(plan.rows[u["chunk_id"]] for u in units)
+    log.info("%s: %d chunks planned, %d already done", st.name, len(plan.chunk_ids), len(plan.chunk_ids) - len(units))
+    with tracker.run(run_name=f"{cfg.run.name}/{st.name}", tags={"stage": st.name}):
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(dump_config(cfg), "config.yaml")
-        kwargs = {"config": cfg.model_dump(mode="json"), "stage_dir": out.uri, "upstream_dir": up.uri,
-                  "config_hash": config_hash}
-        run_pending(cfg, stage, [{"chunk_id": c} for c in todo], worker_cls, kwargs, res,
-                    [rows_by_chunk[c] for c in todo])
-        summary = reconcile(out, stage, chunk_ids, sum(rows))
-        summary.chunks_skipped = len(chunk_ids) - len(todo)
+        prepare = st.hook("prepare")
+        context = prepare(cfg, out, tracker) if prepare else {}
+        execute = st.hook("execute")
+        if execute is None or not execute(cfg, plan, out, units, context, config_hash):
+            kwargs = {"stage": st.name, "config": cfg.model_dump(mode="json"), "stage_dir": out.uri,
+                      "upstream_dir": plan.upstream.uri if plan.upstream else None, "config_hash": config_hash,
+                      "context": context}
+            from lardo_ray.stages.registry import load_ref
+
+            run_pending(cfg, st.name, units, load_ref(st.worker), kwargs, st.resources_of(cfg),
+                        [plan.rows[u["chunk_id"]] for u in units])
+        if (after := st.hook("after")) is not None:
+            after(cfg, out, plan.chunk_ids)
+        summary = reconcile(out, st.name, plan.chunk_ids, plan.n_rows)
+        summary.chunks_skipped = len(plan.chunk_ids) - len(units)
         summary.wall_seconds = time.time() - t0
-        summary.mol_per_s = sum(rows_by_chunk[c] for c in todo) / max(summary.wall_seconds, 1e-9)
-        if extra_summary:
-            summary.extra.update(extra_summary(out, chunk_ids))
+        summary.mol_per_s = todo_rows / max(summary.wall_seconds, 1e-9)
+        if (extra := st.hook("summary")) is not None:
+            summary.extra.update(extra(cfg, out, plan.chunk_ids, context))
         tracker.log_metrics(summary.metrics())
         summary.not_logged = list(tracker.not_logged)
         summary.mlflow_run_id = tracker.run_id
-    finish(out, summary, config_hash, fingerprint, chunk_ids)
+    manifest = st.hook("manifest")
+    finish(out, summary, config_hash, plan.fingerprint, plan.chunk_ids, **plan.manifest,
+           **(manifest(cfg, context, summary) if manifest else {}))
     return summary

@@ -1,0 +1,6 @@
+"""Ray job entry point of `lardo-ray encode` (same flags; see --help)."""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run()

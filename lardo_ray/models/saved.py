@@ -1,0 +1,319 @@
+"""Models that outlive their run: a fine-tuned property model (the seeds' best-validation weights) or a
+pre-trained encoder, as one directory with everything needed to apply it to new SMILES.
+
+Layout (``lardo_model.json`` says what it is; no pickled code except sklearn's descriptor normaliser):
+
+    lardo_model.json           kind, targets, task type, architecture, label scaling, the standardiser and
+                               featurizer versions it was trained with, metrics, the training config
+    seed<k>.safetensors        one ensemble member per seed (PropertyModel state, fp32)
+    seed<k>.normaliser.pkl     its descriptor CDF normaliser (finetune.dsm_features=all only)
+    encoder/                   kind "encoder": the pre-training export (encoder.safetensors + encoder.json)
+
+``SavedModel.load(dir)`` refuses a model written with another featurizer or standardiser version, naming
+what differs; ``predict`` / ``encode`` take SMILES and give arrays in input order plus the rows refused
+(with a reason) — never a silent 0 or NaN row. The MLflow flavour (lardo_ray.models.mlflow_model) and the
+predict / encode stages all go through this one class, so they give the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lardo_ray.chem.graph import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
+from lardo_ray.chem.standardise import STANDARDISER_VERSION
+
+MANIFEST = "lardo_model.json"
+FORMAT = "lardo_ray.model"
+FORMAT_VERSION = 1
+# What the graphs are made of: a model is only valid on graphs with this vocabulary.
+FEATURIZER_VERSION = f"ogb:{ATOM_FEATURE_DIMS}:{BOND_FEATURE_DIMS}"
+# Fine-tuning featurises the standardised parent with this Standardiser (lardo_ray.finetune.train).
+FINETUNE_STANDARDISER = {"max_atoms": 10_000, "keep_largest_fragment": True, "neutralize": True}
+
+
+class ModelMismatchError(ValueError):
+    """The saved model cannot be applied here (another featurizer / standardiser / format version)."""
+
+
+@dataclass
+class Member:
+    """One seed's tested weights, and what turns its outputs into the original units."""
+
+    seed: int
+    state: bytes  # safetensors of the PropertyModel state dict
+    normaliser: bytes | None = None  # pickled QuantileTransformer fitted on that seed's training rows
+    label_mean: list[float] | None = None  # regression: the training rows' mean / std per target
+    label_std: list[float] | None = None
+    encoder_config: dict[str, Any] = field(default_factory=dict)  # GINEConfig of its encoder
+    n_descriptors: int = 0
+
+
+@dataclass
+class ModelCard:
+    kind: str  # "property" | "encoder"
+    name: str  # e.g. "bbbp-rules" (the registry name)
+    targets: list[str] = field(default_factory=list)
+    task_type: str = ""  # classification | regression
+    encoder_config: dict[str, Any] = field(default_factory=dict)
+    n_descriptors: int = 0
+    head_hidden: int = 256
+    descriptor_names: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    standardiser: dict[str, Any] = field(default_factory=lambda: dict(FINETUNE_STANDARDISER))
+    standardiser_version: str = STANDARDISER_VERSION
+    featurizer_version: str = FEATURIZER_VERSION
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+                 for k, v in state.items()})
+
+
+def save_property_model(directory: str | Path, card: ModelCard, members: list[Member]) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    card.seeds = [m.seed for m in members]
+    meta = asdict(card)
+    meta["members"] = []
+    for m in members:
+        (d / f"seed{m.seed}.safetensors").write_bytes(m.state)
+        entry: dict[str, Any] = {"seed": m.seed, "label_mean": m.label_mean, "label_std": m.label_std}
+        if m.normaliser is not None:
+            (d / f"seed{m.seed}.normaliser.pkl").write_bytes(m.normaliser)
+            entry["normaliser"] = f"seed{m.seed}.normaliser.pkl"
+        meta["members"].append(entry)
+    (d / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return d
+
+
+def save_encoder_model(directory: str | Path, export_dir: str | Path, name: str, config: dict[str, Any],
+                       metrics: dict[str, float] | None = None) -> Path:
+    import shutil
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(export_dir, d / "encoder", dirs_exist_ok=True)
+    meta_enc = json.loads((d / "encoder" / "encoder.json").read_text())
+    card = ModelCard(kind="encoder", name=name, encoder_config=meta_enc.get("config", {}), config=config,
+                     metrics=dict(metrics or {}))
+    (d / MANIFEST).write_text(json.dumps({**asdict(card), "members": []}, indent=2, sort_keys=True))
+    return d
+
+
+@dataclass
+class Refused:
+    index: int  # row of the input
+    reason: str
+    detail: str
+
+
+@dataclass
+class Prepared:
+    """Input SMILES turned into what the model reads: graphs (and descriptors) of the accepted rows."""
+
+    index: np.ndarray  # accepted input rows, in input order
+    canonical: list[str]  # their standardised canonical SMILES
+    mol_ids: list[str]  # and their mol_id (lardo_ray.chem.standardise.mol_id_of), as the dsm stage gives
+    graphs: Any  # pa.Table in the graph layout
+    refused: list[Refused]
+    descriptors: np.ndarray | None = None  # raw (un-normalised) descriptors of the accepted rows
+
+
+class SavedModel:
+    """A loaded ``lardo_model.json`` directory. Built once per actor / server replica."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu"):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise ModelMismatchError(f"{self.dir} holds no {MANIFEST}: not a lardo_ray model (a fine-tune seed's "
+                                     "model, a registered ensemble or an encoder)")
+        self.meta = json.loads(path.read_text())
+        self.card = ModelCard(**{k: v for k, v in self.meta.items() if k in ModelCard.__dataclass_fields__})
+        self.device = device
+        self._check()
+        from lardo_ray.chem.standardise import Standardiser
+
+        self.standardiser = Standardiser(**self.card.standardiser)
+        self._members: list[tuple[Any, dict[str, Any]]] | None = None
+        self._encoder = None
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> SavedModel:
+        return cls(directory, device)
+
+    def _check(self) -> None:
+        c = self.card
+        wrong = []
+        if c.format != FORMAT or int(c.format_version) != FORMAT_VERSION:
+            wrong.append(f"format {c.format} v{c.format_version} (this lardo_ray reads {FORMAT} v{FORMAT_VERSION})")
+        if c.featurizer_version != FEATURIZER_VERSION:
+            wrong.append(f"featurizer version {c.featurizer_version!r} (this lardo_ray: {FEATURIZER_VERSION!r})")
+        if c.standardiser_version != STANDARDISER_VERSION:
+            wrong.append(f"standardiser version {c.standardiser_version!r} (this lardo_ray: {STANDARDISER_VERSION!r})")
+        if wrong:
+            raise ModelMismatchError(f"model {c.name!r} in {self.dir} was built with another " + "; ".join(wrong)
+                                     + ": its graphs would not mean the same here. Re-train it with this version, "
+                                     "or install the lardo_ray version that built it.")
+
+    @property
+    def kind(self) -> str:
+        return self.card.kind
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.card.targets)
+
+    # ------------------------------------------------------------------ input
+    def prepare(self, smiles: list[Any]) -> Prepared:
+        import pyarrow as pa
+
+        from lardo_ray import schema
+        from lardo_ray.chem.graph import GraphFeaturizer
+
+        refused: list[Refused] = []
+        ok, canon, mols, ids = [], [], [], []
+        for i, s in enumerate(smiles):
+            st = self.standardiser(s)
+            if st.reason is not None:
+                refused.append(Refused(i, st.reason, st.detail or ""))
+            else:
+                ok.append(i)
+                canon.append(st.canonical)
+                mols.append(st.mol)
+                ids.append(st.mol_id)
+        table = pa.table({schema.MOL_ID: pa.array([str(i) for i in ok], pa.string()),
+                          schema.CANONICAL_SMILES: pa.array(canon, pa.string())})
+        graphs, rej = GraphFeaturizer()(table)
+        if rej.num_rows:
+            bad = {int(m): (r, d) for m, r, d in zip(rej.column(schema.MOL_ID).to_pylist(),
+                                                     rej.column(schema.REJECT_REASON).to_pylist(),
+                                                     rej.column(schema.REJECT_DETAIL).to_pylist())}
+            refused += [Refused(i, r, d or "") for i, (r, d) in bad.items()]
+            keep = [j for j, i in enumerate(ok) if i not in bad]
+            ok, canon, mols, ids = ([ok[j] for j in keep], [canon[j] for j in keep], [mols[j] for j in keep],
+                                    [ids[j] for j in keep])
+        descriptors = None
+        if self.card.n_descriptors:
+            descriptors = _descriptors(mols)
+            if descriptors.shape[1] != self.card.n_descriptors:
+                raise ModelMismatchError(f"model {self.card.name!r} reads {self.card.n_descriptors} descriptors; "
+                                         f"this RDKit computes {descriptors.shape[1]}")
+        refused.sort(key=lambda r: r.index)
+        return Prepared(index=np.asarray(ok, np.int64), canonical=canon, mol_ids=ids, graphs=graphs, refused=refused,
+                        descriptors=descriptors)
+
+    # ------------------------------------------------------------------ the networks
+    def _load_members(self) -> list[tuple[Any, dict[str, Any]]]:
+        if self._members is None:
+            from safetensors.torch import load
+
+            from lardo_ray.finetune.model import PropertyModel
+            from lardo_ray.models.gine import GINEConfig, GINEEncoder
+
+            out = []
+            for entry in self.meta["members"]:
+                enc = GINEEncoder(GINEConfig(**self.card.encoder_config))
+                model = PropertyModel(enc, len(self.card.targets), self.card.head_hidden, 0.0, self.card.n_descriptors)
+                model.load_state_dict(load((self.dir / f"seed{entry['seed']}.safetensors").read_bytes()))
+                model.to(self.device).eval()
+                norm = None
+                if entry.get("normaliser"):
+                    norm = pickle.loads((self.dir / entry["normaliser"]).read_bytes())  # noqa: S301 - our own file
+                out.append((model, {**entry, "normaliser_obj": norm}))
+            self._members = out
+        return self._members
+
+    def _batches(self, prep: Prepared, batch_size: int):
+        import pyarrow as pa
+
+        from lardo_ray.chem.graph import graphs_to_pyg_batch
+
+        n = len(prep.index)
+        for start in range(0, n, batch_size):
+            idx = pa.array(np.arange(start, min(n, start + batch_size)), pa.int64())
+            yield start, graphs_to_pyg_batch(prep.graphs.take(idx)).to(self.device)
+
+    def predict_prepared(self, prep: Prepared, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) over the ensemble, (n_accepted, n_targets) float64: probabilities for classification,
+        values in the original units for regression. std is 0 for a one-member model."""
+        import torch
+
+        from lardo_ray.finetune.train import apply_descriptor_normaliser
+
+        if self.kind != "property":
+            raise ModelMismatchError(f"model {self.card.name!r} is an encoder: it gives embeddings (`lardo-ray "
+                                     "encode`), not predictions")
+        n, t = len(prep.index), len(self.card.targets)
+        preds = []
+        for model, entry in self._load_members():
+            D = None
+            if self.card.n_descriptors:
+                D = torch.as_tensor(apply_descriptor_normaliser(entry["normaliser_obj"], prep.descriptors),
+                                    device=self.device)
+            out = np.zeros((n, t), np.float64)
+            with torch.no_grad():
+                for start, g in self._batches(prep, batch_size):
+                    d = None if D is None else D[start : start + g.num_graphs]
+                    out[start : start + g.num_graphs] = model(g, d).double().cpu().numpy()
+            if self.card.task_type == "classification":
+                out = 1.0 / (1.0 + np.exp(-out))
+            else:
+                out = out * np.asarray(entry["label_std"]) + np.asarray(entry["label_mean"])
+            preds.append(out)
+        stack = np.stack(preds) if preds else np.zeros((0, n, t))
+        return stack.mean(axis=0), stack.std(axis=0)
+
+    def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
+        """(n_accepted, dim) float32 graph embeddings (eval mode). A property model gives its first member's
+        fine-tuned encoder; an encoder model its pre-trained one."""
+        import torch
+
+        if self._encoder is None:
+            if self.kind == "encoder":
+                from lardo_ray.models.gine import load_encoder
+
+                self._encoder = load_encoder(self.dir / "encoder").to(self.device).eval()
+            else:
+                self._encoder = self._load_members()[0][0].encoder
+        outs = []
+        with torch.no_grad():
+            for _, g in self._batches(prep, batch_size):
+                outs.append(self._encoder(g).float().cpu().numpy())
+        dim = int(self._encoder.out_dim)
+        return np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
+
+    def predict(self, smiles: list[Any], batch_size: int = 256) -> tuple[Prepared, np.ndarray, np.ndarray]:
+        prep = self.prepare(smiles)
+        mean, std = self.predict_prepared(prep, batch_size)
+        return prep, mean, std
+
+    def encode(self, smiles: list[Any], batch_size: int = 256) -> tuple[Prepared, np.ndarray]:
+        prep = self.prepare(smiles)
+        return prep, self.encode_prepared(prep, batch_size)
+
+
+def _descriptors(mols: list[Any]) -> np.ndarray:
+    """The rf_dsm / dsm_features descriptor matrix of standardised molecules (lardo_ray.finetune.baselines)."""
+    from lardo_ray.finetune.baselines import descriptor_matrix
+
+    return descriptor_matrix(mols)
+
+
+def pickle_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    pickle.dump(obj, buf)
+    return buf.getvalue()
