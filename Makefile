@@ -34,6 +34,7 @@ demo: $(STAMP)
 	$(BIN)/lardo-ray pipeline --config configs/demo.yaml
 
 test: $(STAMP) $(CHEMPROP_STAMP)
+	$(BIN)/ruff check lardo_ray jobs bench tests
 	LARDO_CHEMPROP=$(CHEMPROP_VENV)/bin/chemprop $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)

@@ -55,21 +55,35 @@ def baseline(smiles: list[str], descriptors) -> float:
 class WorkerMemory(threading.Thread):
     """Samples the RSS of Ray worker processes (all `ray::` processes) while the pipeline runs."""
 
-    def __init__(self):
+    def __init__(self, descendants_of: int | None = None):
         super().__init__(daemon=True)
         self.peak_each = 0
         self.peak_total = 0
         self.stop = threading.Event()
+        self.root = descendants_of  # only this process's own Ray (another job's workers are not ours)
+
+    def _processes(self):
+        import psutil
+
+        if self.root is None:
+            return list(psutil.process_iter())
+        try:
+            return psutil.Process(self.root).children(recursive=True)
+        except psutil.Error:
+            return []
 
     def run(self):
         import psutil
 
         while not self.stop.is_set():
             rss = []
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "ray::" in cmd and p.info["memory_info"] is not None:
-                    rss.append(p.info["memory_info"].rss)
+            for p in self._processes():
+                try:
+                    cmd = " ".join(p.cmdline() or [])
+                    if "ray::" in cmd:
+                        rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    continue
             if rss:
                 self.peak_each = max(self.peak_each, max(rss))
                 self.peak_total = max(self.peak_total, sum(rss))

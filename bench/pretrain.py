@@ -295,7 +295,7 @@ def device_bench(args) -> None:
         results.append(r)
         print(f"  batch {bs:5d}: {full:10.1f} rows/s full step, {compute:10.1f} rows/s compute only, "
               f"peak {peak:8.1f} MiB, GPU busy {'n/a' if busy is None else f'{busy:.2f}'}", flush=True)
-        del trainer, resident
+        trainer = resident = None  # free the model before the next batch size (closures above close over it)
         if on_cuda:
             torch.cuda.empty_cache()
     loaded = [m for m in ("ray", "deepspeed") if m in sys.modules]

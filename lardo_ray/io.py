@@ -13,9 +13,8 @@ import fnmatch
 import hashlib
 import json
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -485,11 +484,3 @@ class StageOutput:
 
     def data_files(self, chunk_ids: list[str]) -> list[str]:
         return [self.data_path(c) for c in chunk_ids]
-
-    def iter_tables(self, chunk_ids: list[str], columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
-        for c in chunk_ids:
-            yield c, pq.read_table(self.data_path(c), columns=columns, filesystem=self.fs)
-
-
-def now() -> float:
-    return time.time()

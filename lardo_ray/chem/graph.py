@@ -496,16 +496,3 @@ def graphs_to_pyg_batch(batch: Any):
     out._slice_dict = {"x": ptr, "edge_index": edge_ptr_t, "edge_attr": edge_ptr_t}
     out._inc_dict = {"x": zeros, "edge_index": ptr[:-1], "edge_attr": zeros}
     return out
-
-
-def graph_arrays_to_pyg(g: GraphArrays):
-    """One molecule -> PyG ``Data`` (for tests and debugging)."""
-    import torch
-    from torch_geometric.data import Data
-
-    return Data(
-        x=torch.from_numpy(g.x),
-        edge_index=torch.from_numpy(g.edge_index),
-        edge_attr=torch.from_numpy(g.edge_attr),
-        num_nodes=g.num_nodes,
-    )

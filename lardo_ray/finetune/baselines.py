@@ -24,6 +24,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,9 @@ BASELINES = {
     "rf_ecfp": "random forest on Morgan radius-2 2048-bit fingerprints (ECFP4)",
 }
 N_TREES = 500
+# Forests are saved as models (finetune.save_models; the seed ensemble only) up to this many targets: a
+# BBBP forest of 500 trees pickles to ~7 MB, so 617 ToxCast targets x 3 seeds would be gigabytes.
+MAX_SAVED_TARGETS = 16
 ECFP_RADIUS, ECFP_BITS = 2, 2048
 
 
@@ -65,6 +69,15 @@ def descriptor_matrix(mols: list) -> np.ndarray:
     return values.astype(np.float32)
 
 
+def ecfp_matrix(mols: list) -> np.ndarray:
+    """Morgan radius-2, 2,048-bit fingerprints (ECFP4) as float32 rows: rf_ecfp's features."""
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=ECFP_RADIUS, fpSize=ECFP_BITS)
+    return np.stack([gen.GetFingerprintAsNumPy(m).astype(np.float32) for m in mols]) if mols else \
+        np.zeros((0, ECFP_BITS), np.float32)
+
+
 def featurize(kind: str, smiles: list[str], max_atoms: int = 200) -> BaselineFeatures:
     """The baseline's input features for ``smiles`` (the labelled set's rows, in order)."""
     from rdkit import Chem
@@ -88,31 +101,35 @@ def featurize(kind: str, smiles: list[str], max_atoms: int = 200) -> BaselineFea
 
         X, names = descriptor_matrix(mols), list(DescriptorCalculator("all").names)
     else:
-        from rdkit.Chem import rdFingerprintGenerator
-
-        gen = rdFingerprintGenerator.GetMorganGenerator(radius=ECFP_RADIUS, fpSize=ECFP_BITS)
-        X = np.stack([gen.GetFingerprintAsNumPy(m).astype(np.float32) for m in mols]) if mols else \
-            np.zeros((0, ECFP_BITS), np.float32)
+        X = ecfp_matrix(mols)
         names = [f"ecfp4_{i}" for i in range(ECFP_BITS)]
     return BaselineFeatures(kind=kind, X=X, names=names, n_not_standardised=fallback,
                             seconds=time.perf_counter() - t0)
 
 
-def impute(X: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, int]:
-    """NaN -> the training rows' median per column (0 for a column with no training value); the count."""
+def training_medians(X: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Each column's median over the training rows (0 for a column with no training value): what a missing
+    value becomes, here and in the saved model for new molecules."""
+    import warnings
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(X[train], axis=0) if len(train) else np.zeros(X.shape[1])
+    return np.where(np.isnan(med), 0.0, med).astype(np.float32)
+
+
+def fill_missing(X: np.ndarray, med: np.ndarray) -> tuple[np.ndarray, int]:
     X = np.array(X, dtype=np.float32, copy=True)
     missing = np.isnan(X)
     n = int(missing.sum())
     if n:
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(X[train], axis=0)
-        med = np.where(np.isnan(med), 0.0, med).astype(np.float32)
         X[missing] = np.take(med, np.nonzero(missing)[1])
     return X, n
+
+
+def impute(X: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, int]:
+    """NaN -> the training rows' median per column (0 for a column with no training value); the count."""
+    return fill_missing(X, training_medians(X, train))
 
 
 def _fit_predict(task_type: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, parts: list[np.ndarray],
@@ -121,32 +138,38 @@ def _fit_predict(task_type: str, X: np.ndarray, y: np.ndarray, train: np.ndarray
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
     preds = [np.full((len(p), y.shape[1]), np.nan) for p in parts]
+    models: list[Any] = []
     for t in range(y.shape[1]):
         rows = train[~np.isnan(y[train, t])]
-        if len(rows) == 0:
-            for out in preds:
-                out[:, t] = 0.5 if task_type == "classification" else 0.0
-            continue
         yt = y[rows, t]
+        if len(rows) == 0 or (task_type == "classification" and len(np.unique(yt)) < 2):
+            # no labels: the prior; one class in training: predict it (the scorer skips such tasks)
+            const = (0.5 if task_type == "classification" else 0.0) if len(rows) == 0 else float(yt[0])
+            models.append(const)
+            for out in preds:
+                out[:, t] = const
+            continue
         if task_type == "classification":
-            if len(np.unique(yt)) < 2:  # one class in training: predict it (the scorer skips such tasks)
-                for out in preds:
-                    out[:, t] = float(yt[0])
-                continue
             model = RandomForestClassifier(n_estimators=n_trees, class_weight="balanced", n_jobs=threads,
                                            random_state=seed)
             model.fit(X[rows], yt.astype(int))
-            pos = list(model.classes_).index(1)
-            for p, out in zip(parts, preds):
-                if len(p):
-                    out[:, t] = model.predict_proba(X[p])[:, pos]
         else:
             model = RandomForestRegressor(n_estimators=n_trees, n_jobs=threads, random_state=seed)
             model.fit(X[rows], yt)
-            for p, out in zip(parts, preds):
-                if len(p):
-                    out[:, t] = model.predict(X[p])
-    return preds
+        models.append(model)
+        for p, out in zip(parts, preds):
+            if len(p):
+                out[:, t] = forest_predict(model, X[p])
+    return preds, models
+
+
+def forest_predict(model: Any, X: np.ndarray) -> np.ndarray:
+    """A fitted forest's probability of class 1 (classification) or value; a float is a constant model."""
+    if isinstance(model, float):
+        return np.full(len(X), model)
+    if hasattr(model, "predict_proba"):
+        return model.predict_proba(X)[:, list(model.classes_).index(1)]
+    return model.predict(X)
 
 
 def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineFeatures, threads: int = 1):
@@ -157,12 +180,19 @@ def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineF
     ft = cfg.finetune
     data = prepared.data
     task_type, metric = data.task_type, ft.resolved_metric()
-    X, n_imputed = impute(features.X, np.asarray(split.train))
+    med = training_medians(features.X, np.asarray(split.train))
+    X, n_imputed = fill_missing(features.X, med)
     y = data.labels.astype(np.float64)
-    valid_pred, test_pred = _fit_predict(task_type, X, y, np.asarray(split.train),
-                                         [np.asarray(split.valid), np.asarray(split.test)], seed, threads,
-                                         ft.baseline_trees)
+    (valid_pred, test_pred), models = _fit_predict(task_type, X, y, np.asarray(split.train),
+                                                   [np.asarray(split.valid), np.asarray(split.test)], seed, threads,
+                                                   ft.baseline_trees)
     train_seconds = time.perf_counter() - t0
+    member = None
+    if ft.save_models and data.n_tasks <= MAX_SAVED_TARGETS:
+        from lardo_ray.models.saved import Member, pickle_bytes
+
+        member = Member(seed=int(seed), state=b"", forest=pickle_bytes({"features": features.kind, "median": med,
+                                                                         "tasks": models}))
 
     def score(idx: np.ndarray, pred: np.ndarray) -> TaskMetrics:
         return evaluate(task_type, y[idx], pred, data.task_names, metric)
@@ -182,5 +212,5 @@ def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineF
         test_index=np.asarray(split.test), test_pred=test_pred.astype(np.float32),
         valid_pred=valid_pred.astype(np.float32), task_mode="per_target" if data.n_tasks > 1 else "single_task",
         device="cpu",
-        threads=int(threads), worker=f"{socket.gethostname()}:{os.getpid()}",
+        threads=int(threads), worker=f"{socket.gethostname()}:{os.getpid()}", member=member,
     )

@@ -144,10 +144,6 @@ def get_card(name: str) -> DatasetCard:
                    f"give data_path, label_columns and task_type)")
 
 
-def card_names() -> list[str]:
-    return list(CARDS)
-
-
 @dataclass(frozen=True)
 class DroppedRow:
     row: int  # 0-based data row in the file (header not counted)

@@ -225,11 +225,6 @@ def normalise_descriptors(X: np.ndarray, train: np.ndarray) -> np.ndarray:
     return apply_descriptor_normaliser(fit_descriptor_normaliser(X, train), X)
 
 
-def clear_cache() -> None:
-    """Forget the in-process prepared data sets."""
-    _MEMO.clear()
-
-
 def split_for(prepared: PreparedTask, ft: FinetuneConfig, seed: int) -> Split:
     """The split of one seed (identical for every method: it depends on the data, split kind and seed only)."""
     if ft.split in ("scaffold", "scaffold_balanced") and prepared.scaffolds is None:
@@ -338,14 +333,6 @@ class SeedResult:
     model: Any = None  # the tested PropertyModel, only with finetune_seed(keep_model=True)
     worker: str = ""  # host:pid of the process that trained it
     member: Any = None  # lardo_ray.models.saved.Member: the tested weights (finetune.save_models)
-
-    @property
-    def test_value(self) -> float:
-        return self.test.value
-
-    @property
-    def valid_value(self) -> float:
-        return self.valid.value
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics of the child run (compare contract: test_<m>, valid_<m>, best_epoch ...)."""

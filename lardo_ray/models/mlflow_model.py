@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import tempfile
 from typing import Any
 
@@ -74,10 +73,6 @@ def output_frame(model: Any, smiles: list[Any], batch_size: int = 256):
         errors[r.index] = f"{r.reason}: {r.detail}" if r.detail else r.reason
     cols[ERROR_COLUMN] = errors
     return pd.DataFrame(cols)
-
-
-# MLflow suggests type hints on predict for its own validation; the input is checked here (smiles_of) instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class LardoModel(mlflow.pyfunc.PythonModel):

@@ -7,6 +7,7 @@ Layout (``lardo_model.json`` says what it is; no pickled code except sklearn's d
                                featurizer versions it was trained with, metrics, the training config
     seed<k>.safetensors        one ensemble member per seed (PropertyModel state, fp32)
     seed<k>.normaliser.pkl     its descriptor CDF normaliser (finetune.dsm_features=all only)
+    seed<k>.forest.pkl         kind "forest": that seed's per-target random forests and imputation medians
     encoder/                   kind "encoder": the pre-training export (encoder.safetensors + encoder.json)
 
 ``SavedModel.load(dir)`` refuses a model written with another featurizer or standardiser version, naming
@@ -53,11 +54,12 @@ class Member:
     label_std: list[float] | None = None
     encoder_config: dict[str, Any] = field(default_factory=dict)  # GINEConfig of its encoder
     n_descriptors: int = 0
+    forest: bytes | None = None  # kind "forest": pickled {"features", "median", "tasks": [forest | constant]}
 
 
 @dataclass
 class ModelCard:
-    kind: str  # "property" | "encoder"
+    kind: str  # "property" (a GNN) | "forest" (the rf_dsm / rf_ecfp baselines) | "encoder"
     name: str  # e.g. "bbbp-rules" (the registry name)
     targets: list[str] = field(default_factory=list)
     task_type: str = ""  # classification | regression
@@ -65,6 +67,7 @@ class ModelCard:
     n_descriptors: int = 0
     head_hidden: int = 256
     descriptor_names: list[str] = field(default_factory=list)
+    features: str = ""  # kind "forest": rf_dsm (the 223 DSM descriptors) or rf_ecfp (Morgan r=2, 2,048 bits)
     seeds: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -89,8 +92,12 @@ def save_property_model(directory: str | Path, card: ModelCard, members: list[Me
     meta = asdict(card)
     meta["members"] = []
     for m in members:
-        (d / f"seed{m.seed}.safetensors").write_bytes(m.state)
         entry: dict[str, Any] = {"seed": m.seed, "label_mean": m.label_mean, "label_std": m.label_std}
+        if m.forest is not None:
+            (d / f"seed{m.seed}.forest.pkl").write_bytes(m.forest)
+            entry["forest"] = f"seed{m.seed}.forest.pkl"
+        else:
+            (d / f"seed{m.seed}.safetensors").write_bytes(m.state)
         if m.normaliser is not None:
             (d / f"seed{m.seed}.normaliser.pkl").write_bytes(m.normaliser)
             entry["normaliser"] = f"seed{m.seed}.normaliser.pkl"
@@ -179,6 +186,7 @@ class SavedModel:
 
     # ------------------------------------------------------------------ input
     def prepare(self, smiles: list[Any]) -> Prepared:
+        """Standardise (the model's own settings), then graphs (GNNs) or the forests' features."""
         import pyarrow as pa
 
         from lardo_ray import schema
@@ -197,7 +205,9 @@ class SavedModel:
                 ids.append(st.mol_id)
         table = pa.table({schema.MOL_ID: pa.array([str(i) for i in ok], pa.string()),
                           schema.CANONICAL_SMILES: pa.array(canon, pa.string())})
-        graphs, rej = GraphFeaturizer()(table)
+        graphs, rej = (GraphFeaturizer()(table) if self.kind != "forest" else
+                       (table, table.slice(0, 0).append_column(schema.REJECT_REASON, pa.array([], pa.string()))
+                        .append_column(schema.REJECT_DETAIL, pa.array([], pa.string()))))
         if rej.num_rows:
             bad = {int(m): (r, d) for m, r, d in zip(rej.column(schema.MOL_ID).to_pylist(),
                                                      rej.column(schema.REJECT_REASON).to_pylist(),
@@ -207,7 +217,9 @@ class SavedModel:
             ok, canon, mols, ids = ([ok[j] for j in keep], [canon[j] for j in keep], [mols[j] for j in keep],
                                     [ids[j] for j in keep])
         descriptors = None
-        if self.card.n_descriptors:
+        if self.kind == "forest":
+            descriptors = _descriptors(mols) if self.card.features == "rf_dsm" else _ecfp(mols)
+        elif self.card.n_descriptors:
             descriptors = _descriptors(mols)
             if descriptors.shape[1] != self.card.n_descriptors:
                 raise ModelMismatchError(f"model {self.card.name!r} reads {self.card.n_descriptors} descriptors; "
@@ -254,10 +266,12 @@ class SavedModel:
 
         from lardo_ray.finetune.train import apply_descriptor_normaliser
 
-        if self.kind != "property":
+        if self.kind == "encoder":
             raise ModelMismatchError(f"model {self.card.name!r} is an encoder: it gives embeddings (`lardo-ray "
                                      "encode`), not predictions")
         n, t = len(prep.index), len(self.card.targets)
+        if self.kind == "forest":
+            return self._forest_predict(prep)
         preds = []
         for model, entry in self._load_members():
             D = None
@@ -277,11 +291,30 @@ class SavedModel:
         stack = np.stack(preds) if preds else np.zeros((0, n, t))
         return stack.mean(axis=0), stack.std(axis=0)
 
+    def _forest_predict(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        from lardo_ray.finetune.baselines import fill_missing, forest_predict
+
+        if self._members is None:
+            self._members = [(pickle.loads((self.dir / e["forest"]).read_bytes()), e)  # noqa: S301 - our own file
+                             for e in self.meta["members"]]
+        preds = []
+        for forest, _ in self._members:
+            X, _ = fill_missing(prep.descriptors, forest["median"])
+            out = np.zeros((len(prep.index), len(self.card.targets)))
+            for t, model in enumerate(forest["tasks"]):
+                out[:, t] = forest_predict(model, X) if len(X) else 0.0
+            preds.append(out)
+        stack = np.stack(preds)
+        return stack.mean(axis=0), stack.std(axis=0)
+
     def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
         """(n_accepted, dim) float32 graph embeddings (eval mode). A property model gives its first member's
         fine-tuned encoder; an encoder model its pre-trained one."""
         import torch
 
+        if self.kind == "forest":
+            raise ModelMismatchError(f"model {self.card.name!r} is a random forest: it has no graph encoder to "
+                                     "give embeddings")
         if self._encoder is None:
             if self.kind == "encoder":
                 from lardo_ray.models.gine import load_encoder
@@ -311,6 +344,12 @@ def _descriptors(mols: list[Any]) -> np.ndarray:
     from lardo_ray.finetune.baselines import descriptor_matrix
 
     return descriptor_matrix(mols)
+
+
+def _ecfp(mols: list[Any]) -> np.ndarray:
+    from lardo_ray.finetune.baselines import ecfp_matrix
+
+    return ecfp_matrix(mols)
 
 
 def pickle_bytes(obj: Any) -> bytes:

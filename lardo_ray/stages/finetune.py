@@ -34,6 +34,7 @@ import numpy as np
 from lardo_ray import fs
 from lardo_ray.config import ConfigError, PipelineConfig
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std, parent_summary
+from lardo_ray.finetune.baselines import MAX_SAVED_TARGETS
 from lardo_ray.finetune.splits import describe_split
 from lardo_ray.stages.compare import TAG_ENCODER, TAG_PREDICTIONS, finetune_tags
 
@@ -106,6 +107,7 @@ class FinetuneResult:
     not_logged: list[str] = field(default_factory=list)
     model_uri: str | None = None  # the seed ensemble as an MLflow model (runs:/<parent>/model)
     registered: str | None = None  # models:/<dataset>-<method>/<version>
+    model_note: str | None = None  # why no model was saved, when it was not
 
     @property
     def ok(self) -> bool:
@@ -202,6 +204,8 @@ class FinetuneResult:
         if self.parent_run_id:
             out.append(f"  MLflow         parent run {self.parent_run_id} in experiment {self.experiment!r} "
                        f"({self.tracking_uri})")
+        if self.model_note:
+            out.append(f"  model          {self.model_note}")
         if self.registered or self.model_uri:
             out.append(f"  model          {self.registered or self.model_uri}  (`lardo-ray predict --model "
                        f"{self.registered or self.model_uri} --input FILE`)")
@@ -438,7 +442,7 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                         if r.seed in res.predictions_local:
                             tracker.log_artifact(res.predictions_local[r.seed])
                             tracker.set_tags({TAG_PREDICTIONS: os.path.basename(res.predictions_local[r.seed])})
-                        if r.member is not None:
+                        if r.member is not None and not g.baseline:  # forests: only their ensemble (size)
                             _log_saved_model(tracker, g, res, prepared, [r])
                 tracker.run_id = parent_id
             for seed, err in sorted(res.failed.items()):
@@ -459,6 +463,9 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
             if res.csv_local:
                 tracker.log_artifact(res.csv_local)
             members = [r for r in res.seeds if r.member is not None]
+            if g.baseline and res.seeds and not members and ft.save_models:
+                res.model_note = (f"not saved: {prepared.data.n_tasks} targets > {MAX_SAVED_TARGETS} (forests of "
+                                  "that many targets run to gigabytes; their predictions are logged)")
             if members and not res.failed:  # an ensemble that lost a seed is not the method's model
                 res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
                 if res.model_uri and ft.register_models:
@@ -480,7 +487,8 @@ def _log_saved_model(tracker: Tracker, g: _Group, res: FinetuneResult, prepared:
     from lardo_ray.models.saved import ModelCard, save_property_model
 
     ft = g.cfg.finetune
-    card = ModelCard(kind="property", name=registered_name(g.dataset_key, g.method), targets=list(prepared.data.task_names),
+    card = ModelCard(kind="forest" if g.baseline else "property", features=g.baseline or "",
+                     name=registered_name(g.dataset_key, g.method), targets=list(prepared.data.task_names),
                      task_type=res.task_type, encoder_config=seeds[0].member.encoder_config,
                      n_descriptors=seeds[0].member.n_descriptors, head_hidden=ft.head_hidden,
                      metrics=parent_summary([r.metrics() for r in seeds]) if len(seeds) > 1 else seeds[0].metrics(),

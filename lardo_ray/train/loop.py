@@ -18,6 +18,8 @@ of candidates each row is contrasted against.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -576,7 +578,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         d = Path(directory)
-        gather = _gathered(self.module) if self.use_deepspeed and self.cfg.deepspeed.zero_stage == 3 else _nullctx()
+        gather = _gathered(self.module) if self.use_deepspeed and self.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
         with gather:
             if self.rank == 0:
                 save_encoder(self.module.graph_encoder, d, extra={"step": self.step})
@@ -590,14 +592,6 @@ class Trainer:
         if self.world_size > 1:
             torch.distributed.barrier()
         return d
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _gathered(module: nn.Module):

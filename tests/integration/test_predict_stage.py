@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -219,3 +220,77 @@ def test_a_model_of_another_featurizer_version_and_a_missing_model_are_refused_n
     assert p.returncode == 2 and "predict.model 'models:/no-such-model/1'" in p.stderr, p.stderr[-2000:]
     p = run_cli("predict", "--input", str(ZINC), "--output", str(tmp_path / "o3"), "-q", timeout=120)
     assert p.returncode == 2 and "predict.model" in p.stderr
+
+
+def test_ray_serve_app_batches_requests_and_answers_like_predict(registered, ray_local):
+    """`lardo_ray.serve:app` on the real local Ray: concurrent HTTP requests, the same numbers as the model
+    in-process, a refused SMILES with its reason, 400 for a malformed body."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from lardo_ray.models.mlflow_model import download
+    from lardo_ray.models.saved import SavedModel
+    from lardo_ray.serve import app
+
+    uri, model_uri, *_ = registered
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app({"model": model_uri, "tracking_uri": uri, "num_cpus": "0.5"}), name="lardo", route_prefix="/")
+        smiles = ZINC.read_text().splitlines()[1:41]
+
+        def post(body: Any) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        parts = [smiles[i : i + 5] + (["C1CC"] if i == 0 else []) for i in range(0, 40, 5)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: post({"smiles": p}), parts))
+        assert all(code == 200 for code, _ in answers), answers
+        got = [row for _, a in answers for row in a["predictions"]]
+        assert got[5]["pred_p_np"] is None and got[5]["error"].startswith("unparsable_smiles")
+        got = [row for row in got if row["error"] is None]
+        _, mean, std = SavedModel(download(model_uri, uri)).predict(smiles)
+        np.testing.assert_allclose([r["pred_p_np"] for r in got], mean[:, 0], atol=1e-6)
+        np.testing.assert_allclose([r["pred_p_np_std"] for r in got], std[:, 0], atol=1e-6)
+        code, body = post({"smi": ["CCO"]})
+        assert code == 400 and "smiles" in body["error"]
+        code, body = post(["CCO"])
+        assert code == 400
+    finally:
+        serve.shutdown()
+
+
+def test_forest_baselines_are_registered_and_predict_like_their_seeds(tmp_path):
+    """rf_dsm and rf_ecfp seed ensembles are models too: registered, and their pyfunc gives the seeds'
+    own test predictions averaged (the imputation medians travel with the forests)."""
+    import mlflow
+    import pandas as pd
+
+    from lardo_ray.config import load_config
+    from lardo_ray.finetune.train import prepare_task
+    from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["finetune.limit=300", "finetune.seeds=[0, 1]", "finetune.baseline_trees=20",
+                             "run.progress=false", f"tracking.tracking_uri={uri}", f"run.output_dir={tmp_path / 'o'}"])
+    grid = run_finetune_grid(cfg, [baseline_method("rf_dsm"), baseline_method("rf_ecfp")], use_ray=False)
+    prepared = prepare_task(cfg.finetune)
+    mlflow.set_tracking_uri(uri)
+    try:
+        for method in ("rf_dsm", "rf_ecfp"):
+            res = grid.get("bbbp", method)
+            assert res.registered == f"models:/bbbp-{method}/1", (res.registered, res.not_logged)
+            smiles = [prepared.data.smiles[i] for i in res.seeds[0].test_index]
+            out = mlflow.pyfunc.load_model(res.registered).predict(pd.DataFrame({"smiles": smiles}))
+            np.testing.assert_allclose(out["pred_p_np"], np.mean([r.test_pred[:, 0] for r in res.seeds], axis=0),
+                                       atol=1e-6)
+            assert out["error"].isna().all()
+    finally:
+        mlflow.set_tracking_uri("")

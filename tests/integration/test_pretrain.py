@@ -211,7 +211,7 @@ def test_mlflow_holds_params_metrics_and_a_reloadable_encoder(recovered_run, tmp
 
     from lardo_ray.models.gine import load_encoder
 
-    r, client, out = recovered_run["result"], recovered_run["client"], recovered_run["out"]
+    r, client = recovered_run["result"], recovered_run["client"]
     run = client.get_run(r.mlflow_run_id)
     assert run.info.status == "FINISHED"
     p = run.data.params
