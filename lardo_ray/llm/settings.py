@@ -101,6 +101,15 @@ class VLLMBackendConfig(Section):
         default=2.0, gt=0, description="KV cache of a CPU engine in GB (VLLM_CPU_KVCACHE_SPACE; an exported value "
         "wins): vLLM's own CPU default reserves most of the machine's memory and then refuses to start"
     )
+    max_engine_restarts: int = Field(
+        default=1, ge=0, description="restarts of a dead engine replica before the stage fails with its error "
+        "(ray.data.llm exits a replica whose engine died and Ray Data restarts it forever by default: an engine "
+        "that dies the same way every time would loop without end)",
+    )
+    per_request_seed: bool | None = Field(
+        default=None, description="seed each request (vLLM SamplingParams.seed); None = on GPU only (vLLM's CPU "
+        "build cannot: 'CPU Generator does not use offset'; the engine gets the seed instead)",
+    )
     wave_chunks: int = Field(
         default=50, ge=1, description="DSM shards per Ray Data LLM job (engines start once per wave; a killed wave is redone)"
     )

@@ -330,12 +330,24 @@ def engine_processor(cfg: DescribeConfig, env: dict[str, str] | None = None, num
     """Step 2: the ``ray.data.llm`` processor (vLLM engine stage) over the prepare step's rows."""
     from ray.data.llm import build_processor
 
-    return build_processor(
+    per_request = cfg.vllm.gpu if cfg.vllm.per_request_seed is None else cfg.vllm.per_request_seed
+    processor = build_processor(
         processor_config(cfg, env),
-        preprocess=_Preprocess(vllm_sampling_dict(cfg.sampling.for_stage(2), per_request_seed=cfg.vllm.gpu)),
+        preprocess=_Preprocess(vllm_sampling_dict(cfg.sampling.for_stage(2), per_request_seed=per_request)),
         postprocess=_postprocess, preprocess_map_kwargs={"num_cpus": num_cpus},
         postprocess_map_kwargs={"num_cpus": num_cpus},
     )
+    bound_engine_restarts(processor, cfg.vllm.max_engine_restarts)
+    return processor
+
+
+def bound_engine_restarts(processor: Any, max_restarts: int) -> None:
+    """ray.data.llm leaves the engine stage's actors at Ray Data's default ``max_restarts=-1`` and exits a
+    replica whose engine died (``os._exit``) so that it restarts: an engine that dies the same way each time
+    would restart forever and the job never end. Bound it; the stage then fails with the engine's error."""
+    for stage in processor.stages.values():
+        if type(stage).__name__ == "vLLMEngineStage":
+            stage.map_batches_kwargs["max_restarts"] = int(max_restarts)
 
 
 def describe_dataset_vllm(

@@ -99,7 +99,14 @@ def run_vllm_waves(cfg: PipelineConfig, up: StageOutput, out: StageOutput, units
             _ReadShard, fn_constructor_args=(up.uri, out.uri, cfg.describe.llm_slice), batch_size=1,
             batch_format="pyarrow", num_cpus=0.25, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
         described = describe_dataset_vllm(ds, cfg.describe, template, carry=[CHUNK])
-        described.write_parquet(f"{out.uri.rstrip('/')}/_waves/{wave_dir.rsplit('/', 1)[1]}")
+        try:
+            described.write_parquet(f"{out.uri.rstrip('/')}/_waves/{wave_dir.rsplit('/', 1)[1]}")
+        except Exception as e:  # noqa: BLE001 - Ray wraps the engine's death in several error types
+            raise RuntimeError(
+                f"describe (vllm): the engine failed on wave {w // size + 1} and was restarted "
+                f"{cfg.describe.vllm.max_engine_restarts} time(s) (describe.vllm.max_engine_restarts) without "
+                f"recovering; the wave's chunks are not written and a re-run retries them. The engine's error is in "
+                f"the replica's log above; Ray says: {type(e).__name__}: {str(e)[-1500:]}") from e
         regroup = ray.remote(_regroup).options(num_cpus=0.25)
         stats = ray.get([regroup.remote(u, wave_dir, up.uri, out.uri, config_hash) for u in wave])
         out.fs.delete_dir(wave_dir)

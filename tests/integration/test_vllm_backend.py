@@ -233,3 +233,36 @@ def test_cpu_engine_settings_from_the_config():
         "VLLM_CPU_KVCACHE_SPACE"))
     gpu = DescribeConfig(backend="vllm", model="m")
     assert "seed" not in engine_kwargs(gpu) and vllm_sampling_dict(gpu.sampling.for_stage(2))["seed"] == 0
+
+
+@pytest.mark.slow
+def test_an_engine_that_dies_every_time_fails_the_stage_instead_of_restarting_forever(tiny_dir, tmp_path):
+    """vLLM's CPU engine dies on a per-request seed once a prompt is prefilled in parts ('CPU Generator does
+    not use offset'); ray.data.llm then exits the replica and Ray Data restarts it, by default forever. Forced here
+    (describe.vllm.per_request_seed=true, temperature 0.7): the replica is restarted once
+    (describe.vllm.max_engine_restarts=1), then the stage fails, exits non-zero and says why."""
+    import time
+
+    from tests.integration.conftest import run_cli
+
+    src = (DATA / "bbbp.csv").read_text().splitlines()
+    inp = tmp_path / "in.csv"
+    inp.write_text("\n".join(src[:7]) + "\n")
+    common = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", "describe.task=bbbp",
+              "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    r = run_cli("dsm", "--input", str(inp), *common, "--set", "dsm.descriptors=[MolLogP,MolWt,TPSA]", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t0 = time.time()
+    r = run_cli("describe", *common, "--set", "describe.backend=vllm", "--set", f"describe.model={tiny_dir}",
+                "--set", "describe.vllm.gpu=false", "--set", "describe.vllm.dtype=float32",
+                "--set", f"describe.vllm.max_model_len={MAX_MODEL_LEN}", "--set", "describe.vllm.per_request_seed=true",
+                "--set", "describe.template_path=null", "--set", "describe.variant=no_stage1",
+                "--set", "describe.sampling.max_tokens_stage2=8",
+                # prompts (~600 tokens) longer than a step's token budget: prefilled in parts, so vLLM rewinds the
+                # request's generator after a discarded token, which a CPU generator cannot do
+                "--set", "describe.vllm.engine_kwargs={max_num_batched_tokens: 256, enable_chunked_prefill: true}",
+                env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "max_engine_restarts" in r.stderr and "re-run retries them" in r.stderr, r.stderr[-3000:]
+    assert "does not use offset" in r.stdout + r.stderr  # the engine's own error reached the user
+    assert time.time() - t0 < 800
