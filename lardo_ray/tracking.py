@@ -144,3 +144,57 @@ def make_tracker(cfg) -> Tracker:
     location = (f"{cfg.run.output_dir.rstrip('/')}/mlartifacts"
                 if uri.startswith("sqlite:///") and "://" in cfg.run.output_dir else None)
     return Tracker(cfg.tracking.enabled, uri, cfg.tracking.experiment, location)
+
+
+# ------------------------------------------------------------------ the tags every fine-tune run carries
+# The compare contract: lardo_ray.stages.compare finds fine-tune runs by these, whoever wrote them
+# (the fine-tune grid, the chemprop baseline).
+TAG_KIND = "lardo.kind"
+TAG_ROLE = "lardo.role"
+TAG_DATASET = "lardo.dataset"
+TAG_METHOD = "lardo.method"
+TAG_SPLIT = "lardo.split"
+TAG_ENCODER_RUN = "lardo.encoder_run_id"
+TAG_TASK_TYPE = "lardo.task_type"
+TAG_METRIC = "lardo.metric"
+TAG_SEED = "lardo.seed"
+KIND_FINETUNE = "finetune"
+PARENT_TAG = "mlflow.parentRunId"
+TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given ("" = no pre-trained encoder)
+TAG_PREDICTIONS = "lardo.predictions"  # artifact name of a seed run's test predictions
+TAG_TASK_MODE = "lardo.task_mode"  # single_task | multitask | per_target (the protocol the numbers come from)
+TAG_ENCODER_SHA = "lardo.encoder_sha256"  # fingerprint of the encoder tensors the runs started from
+TAG_SPLIT_HASH = "lardo.split_hash"  # fingerprint of the seed's train/valid/test indices
+TAG_FAILED_SEEDS = "lardo.failed_seeds"
+
+
+def finetune_tags(
+    dataset: str,
+    method: str,
+    split: str,
+    *,
+    encoder_run_id: str | None = None,
+    task_type: str | None = None,
+    metric: str | None = None,
+    seed: int | None = None,
+    task_mode: str | None = None,
+) -> dict[str, str]:
+    """The lardo.* tags of a fine-tune parent run (seed=None) or of one seed's child run."""
+    tags = {
+        TAG_KIND: KIND_FINETUNE,
+        TAG_ROLE: "parent" if seed is None else "seed",
+        TAG_DATASET: dataset,
+        TAG_METHOD: method,
+        TAG_SPLIT: split,
+        TAG_ENCODER_RUN: encoder_run_id or "",
+    }
+    if task_type:
+        tags[TAG_TASK_TYPE] = task_type
+        from lardo_ray.finetune.metrics import default_metric
+
+        tags[TAG_METRIC] = metric or default_metric(task_type)
+    if seed is not None:
+        tags[TAG_SEED] = str(int(seed))
+    if task_mode:
+        tags[TAG_TASK_MODE] = task_mode
+    return tags

@@ -1,6 +1,7 @@
 """Built-in MoleculeNet dataset cards and one loader for labelled SMILES tables.
 
-A card names what a benchmark file holds: task type, headline metric, SMILES and label columns and the
+The cards are lardo_ray/data/cards/*.yaml, one per dataset, shared with describe's stage 1 (their
+``benchmark:`` block and ``label_columns`` are what fine-tuning reads). A card names what a benchmark file holds: task type, headline metric, SMILES and label columns and the
 usual file name. Label columns are those of the "SMILES + labels" variants that chemprop and KANO ship
 (see ../shared/data/moleculenet/PROVENANCE.md); the DeepChem originals carry extra columns and other names,
 so for those give ``smiles_column`` / ``label_columns`` explicitly.
@@ -29,41 +30,6 @@ if TYPE_CHECKING:
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
 
-TOX21_TASKS = (
-    "NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD", "NR-PPAR-gamma",
-    "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53",
-)  # fmt: skip
-SIDER_TASKS = (
-    "Hepatobiliary disorders",
-    "Metabolism and nutrition disorders",
-    "Product issues",
-    "Eye disorders",
-    "Investigations",
-    "Musculoskeletal and connective tissue disorders",
-    "Gastrointestinal disorders",
-    "Social circumstances",
-    "Immune system disorders",
-    "Reproductive system and breast disorders",
-    "Neoplasms benign, malignant and unspecified (incl cysts and polyps)",
-    "General disorders and administration site conditions",
-    "Endocrine disorders",
-    "Surgical and medical procedures",
-    "Vascular disorders",
-    "Blood and lymphatic system disorders",
-    "Skin and subcutaneous tissue disorders",
-    "Congenital, familial and genetic disorders",
-    "Infections and infestations",
-    "Respiratory, thoracic and mediastinal disorders",
-    "Psychiatric disorders",
-    "Renal and urinary disorders",
-    "Pregnancy, puerperium and perinatal conditions",
-    "Ear and labyrinth disorders",
-    "Cardiac disorders",
-    "Nervous system disorders",
-    "Injury, poisoning and procedural complications",
-)
-
-
 @dataclass(frozen=True)
 class DatasetCard:
     """What one benchmark file holds. ``label_columns=None`` means every column except the SMILES column."""
@@ -86,48 +52,30 @@ class DatasetCard:
         return self.file_names[0]
 
 
-def _card(**kw: Any) -> DatasetCard:
-    labels = kw.get("label_columns")
-    kw.setdefault("n_tasks", len(labels) if labels else kw.get("n_tasks", 1))
-    return DatasetCard(**kw)
+def _load_cards() -> dict[str, DatasetCard]:
+    """Every benchmark card of lardo_ray/data/cards/*.yaml (the same files describe's stage 1 reads)."""
+    import yaml
+
+    out: dict[str, DatasetCard] = {}
+    for path in sorted((BUNDLED_DIR / "cards").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        bench = data.get("benchmark")
+        if not bench:  # e.g. the pre-training card: no labelled file
+            continue
+        labels = tuple(data.get("label_columns") or ()) or None
+        out[data["key"]] = DatasetCard(
+            key=data["key"], name=data["name"], task_type=data["task_type"], metric=bench["metric"],
+            label_columns=labels, file_names=tuple(bench["file_names"]),
+            smiles_column=bench.get("smiles_column", "smiles"),
+            n_tasks=len(labels) if labels else int(bench.get("n_tasks") or 1), n_molecules=bench.get("n_molecules"),
+            units=bench.get("units", ""), aliases=tuple(data.get("aliases", ())),
+            description=bench.get("summary", ""))
+    return out
 
 
-CARDS: dict[str, DatasetCard] = {
-    c.key: c
-    for c in (
-        _card(key="bbbp", name="BBBP", task_type="classification", metric="roc_auc", label_columns=("p_np",),
-              file_names=("bbbp.csv", "BBBP.csv"), n_molecules=2039, aliases=("bbb", "blood_brain_barrier"),
-              description="blood-brain barrier penetration (1 = penetrating)"),
-        _card(key="bace", name="BACE", task_type="classification", metric="roc_auc", label_columns=("Class",),
-              file_names=("bace.csv",), n_molecules=1513, aliases=("bace_classification",),
-              description="binding to human beta-secretase 1 (1 = inhibitor)"),
-        _card(key="clintox", name="ClinTox", task_type="classification", metric="roc_auc",
-              label_columns=("FDA_APPROVED", "CT_TOX"), file_names=("clintox.csv",), n_molecules=1478,
-              description="FDA approval status and clinical-trial toxicity"),
-        _card(key="tox21", name="Tox21", task_type="classification", metric="roc_auc", label_columns=TOX21_TASKS,
-              file_names=("tox21.csv",), n_molecules=7831,
-              description="12 nuclear-receptor and stress-response toxicity assays"),
-        _card(key="toxcast", name="ToxCast", task_type="classification", metric="roc_auc", label_columns=None,
-              n_tasks=617, file_names=("toxcast.csv", "toxcast_data.csv"), n_molecules=8576,
-              description="617 high-throughput toxicity assays (every non-SMILES column is a task)"),
-        _card(key="sider", name="SIDER", task_type="classification", metric="roc_auc", label_columns=SIDER_TASKS,
-              file_names=("sider.csv",), n_molecules=1427, aliases=("side_effects",),
-              description="adverse drug reactions in 27 MedDRA system organ classes"),
-        _card(key="hiv", name="HIV", task_type="classification", metric="roc_auc", label_columns=("HIV_active",),
-              file_names=("hiv.csv", "HIV.csv"), n_molecules=41127,
-              description="inhibition of HIV replication (1 = confirmed active / moderately active)"),
-        _card(key="esol", name="ESOL", task_type="regression", metric="rmse", label_columns=("logSolubility",),
-              file_names=("esol.csv", "delaney.csv"), n_molecules=1128, units="log mol/L",
-              aliases=("delaney",), description="aqueous solubility (log mol/L)"),
-        _card(key="freesolv", name="FreeSolv", task_type="regression", metric="rmse", label_columns=("freesolv",),
-              file_names=("freesolv.csv", "SAMPL.csv"), n_molecules=642, units="kcal/mol",
-              aliases=("sampl",), description="hydration free energy (kcal/mol)"),
-        _card(key="lipophilicity", name="Lipophilicity", task_type="regression", metric="rmse",
-              label_columns=("lipo",), file_names=("lipophilicity.csv", "lipo.csv", "Lipophilicity.csv"),
-              n_molecules=4200, units="logD", aliases=("lipo",),
-              description="octanol/water distribution coefficient (logD at pH 7.4)"),
-    )
-}  # fmt: skip
+CARDS: dict[str, DatasetCard] = _load_cards()
+TOX21_TASKS = CARDS["tox21"].label_columns
+SIDER_TASKS = CARDS["sider"].label_columns
 
 
 def _norm(name: str) -> str:

@@ -35,6 +35,18 @@ class PropertyHint(Section):
     rationale: str | None = Field(default=None, description="one sentence: why it matters for the endpoint")
 
 
+class BenchmarkFacts(Section):
+    """The benchmark file a card describes (fine-tuning reads these; stage 1 does not need them)."""
+
+    metric: str = Field(description="headline metric: roc_auc | rmse")
+    file_names: list[str] = Field(description="usual file names, first = the one the card is written for")
+    n_molecules: int | None = Field(default=None, description="rows of the usual file")
+    n_tasks: int | None = Field(default=None, description="targets when label_columns is empty (every column a task)")
+    units: str = ""
+    smiles_column: str = "smiles"
+    summary: str = Field(default="", description="one line for tables and --help")
+
+
 class TaskCard(Section):
     name: str = Field(description="display name, e.g. BBBP")
     key: str = Field(description="lower-case lookup key, e.g. bbbp")
@@ -42,7 +54,9 @@ class TaskCard(Section):
     task_type: TaskType = Field(description="classification, regression or unlabelled")
     description: str = Field(min_length=10, description="what the dataset is (for the stage-1 prompt)")
     endpoint: str = Field(min_length=3, description="what is predicted: the target of the task")
-    label_columns: list[str] = Field(default_factory=list, description="label columns in the usual CSV (reference)")
+    label_columns: list[str] = Field(default_factory=list, description="label columns of the benchmark file; empty "
+                                     "= every column except the SMILES column")
+    benchmark: BenchmarkFacts | None = Field(default=None, description="the benchmark file, for fine-tuning")
     default_properties: list[PropertyHint] = Field(
         default_factory=list, description="fallback template / rules-backend knowledge"
     )

@@ -49,6 +49,7 @@ import os
 import tempfile
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lardo_ray import fs
@@ -63,76 +64,40 @@ from lardo_ray.finetune.metrics import (
 )
 from lardo_ray.finetune.settings import CompareConfig
 from lardo_ray.finetune.splits import describe_split
+from lardo_ray.tracking import (  # noqa: F401 - the compare contract's tag names, re-exported
+    KIND_FINETUNE,
+    PARENT_TAG,
+    TAG_DATASET,
+    TAG_ENCODER,
+    TAG_ENCODER_RUN,
+    TAG_KIND,
+    TAG_METHOD,
+    TAG_METRIC,
+    TAG_PREDICTIONS,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_SPLIT,
+    TAG_TASK_MODE,
+    TAG_TASK_TYPE,
+    finetune_tags,
+)
 
 if TYPE_CHECKING:
     from lardo_ray.config import PipelineConfig
 
 log = logging.getLogger("lardo_ray")
 
-TAG_KIND = "lardo.kind"
-TAG_ROLE = "lardo.role"
-TAG_DATASET = "lardo.dataset"
-TAG_METHOD = "lardo.method"
-TAG_SPLIT = "lardo.split"
-TAG_ENCODER_RUN = "lardo.encoder_run_id"
-TAG_TASK_TYPE = "lardo.task_type"
-TAG_METRIC = "lardo.metric"
-TAG_SEED = "lardo.seed"
-KIND_FINETUNE = "finetune"
-PARENT_TAG = "mlflow.parentRunId"
-TAG_ENCODER = "lardo.encoder"  # finetune.encoder as given ("" = no pre-trained encoder)
-TAG_PREDICTIONS = "lardo.predictions"  # artifact name of a seed run's test predictions
-TAG_TASK_MODE = "lardo.task_mode"  # single_task | multitask | per_target (the protocol the numbers come from)
 
-# Published ROC-AUC (%) on the deterministic scaffold split (80/10/10), mean over 3 runs. Shown only with
-# include_published=True, always marked as published (they are not re-run here).
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "MolCLR-GIN": {
-        "metric": "roc_auc",
-        "source": "Wang et al., Nat. Mach. Intell. 4, 279 (2022), Table 1",
-        "values": {"bbbp": 73.6, "bace": 89.0, "tox21": 79.8, "sider": 68.0, "clintox": 93.2, "hiv": 80.6},
-    },
-    "D-MPNN": {
-        "metric": "roc_auc",
-        "source": "as reported by MolCLR (Wang et al. 2022), Table 1",
-        "values": {"bbbp": 71.2, "bace": 85.3, "tox21": 68.9},
-    },
-    "MoleculeSTM": {
-        "metric": "roc_auc",
-        "source": "Liu et al., Nat. Mach. Intell. 5, 1447 (2023)",
-        "values": {"bbbp": 70.8, "bace": 82.0, "tox21": 75.7, "toxcast": 65.2},
-    },
-}
+def _published() -> dict[str, dict[str, Any]]:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "published.yaml").read_text())
 
 
-def finetune_tags(
-    dataset: str,
-    method: str,
-    split: str,
-    *,
-    encoder_run_id: str | None = None,
-    task_type: str | None = None,
-    metric: str | None = None,
-    seed: int | None = None,
-    task_mode: str | None = None,
-) -> dict[str, str]:
-    """The lardo.* tags of a fine-tune parent run (seed=None) or of one seed's child run."""
-    tags = {
-        TAG_KIND: KIND_FINETUNE,
-        TAG_ROLE: "parent" if seed is None else "seed",
-        TAG_DATASET: dataset,
-        TAG_METHOD: method,
-        TAG_SPLIT: split,
-        TAG_ENCODER_RUN: encoder_run_id or "",
-    }
-    if task_type:
-        tags[TAG_TASK_TYPE] = task_type
-        tags[TAG_METRIC] = metric or default_metric(task_type)
-    if seed is not None:
-        tags[TAG_SEED] = str(int(seed))
-    if task_mode:
-        tags[TAG_TASK_MODE] = task_mode
-    return tags
+
+# Published figures (not re-run here; shown only with compare.include_published, always marked as
+# published): lardo_ray/data/published.yaml, one entry per method with its source.
+PUBLISHED: dict[str, dict[str, Any]] = _published()
 
 
 @dataclass

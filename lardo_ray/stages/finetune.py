@@ -36,7 +36,8 @@ from lardo_ray.config import ConfigError, PipelineConfig
 from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std, parent_summary
 from lardo_ray.finetune.baselines import MAX_SAVED_TARGETS
 from lardo_ray.finetune.splits import describe_split
-from lardo_ray.stages.compare import TAG_ENCODER, TAG_PREDICTIONS, finetune_tags
+from lardo_ray.tracking import (TAG_ENCODER, TAG_ENCODER_SHA, TAG_FAILED_SEEDS, TAG_PREDICTIONS, TAG_SPLIT_HASH,
+                                finetune_tags)
 
 if TYPE_CHECKING:
     from lardo_ray.finetune.datasets import LabelledSet
@@ -53,9 +54,6 @@ def last_line(err: str, limit: int = 300) -> str:
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else str(err))[:limit]
 
-TAG_ENCODER_SHA = "lardo.encoder_sha256"  # fingerprint of the encoder tensors the runs started from
-TAG_SPLIT_HASH = "lardo.split_hash"  # fingerprint of the seed's train/valid/test indices
-TAG_FAILED_SEEDS = "lardo.failed_seeds"
 
 
 def write_predictions(path: str, data: LabelledSet, test_index: np.ndarray, test_pred: np.ndarray) -> None:

@@ -18,7 +18,8 @@ import pytest
 from lardo_ray.config_base import ConfigError
 from lardo_ray.finetune.metrics import parent_summary
 from lardo_ray.finetune.settings import CompareConfig
-from lardo_ray.stages.compare import compare, finetune_tags
+from lardo_ray.stages.compare import compare
+from lardo_ray.tracking import finetune_tags
 
 EXP = "ft_compare_test"
 
