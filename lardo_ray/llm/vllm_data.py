@@ -321,9 +321,10 @@ class _Preprocess:
         self.sampling = sampling
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        if row[TO_ENGINE]:
-            return {"sampling_params": dict(self.sampling), INFERENCE_ERROR: ""}
-        return {INFERENCE_ERROR: SKIP}
+        # Settled rows carry the same sampling parameters (unused): a column that is null in most rows comes
+        # back from Ray Data's blocks with its integers as floats, and vLLM's engine core then rejects
+        # max_tokens=64.0 in its input thread, which dies and leaves the engine waiting forever.
+        return {"sampling_params": dict(self.sampling), INFERENCE_ERROR: "" if row[TO_ENGINE] else SKIP}
 
 
 def engine_processor(cfg: DescribeConfig, env: dict[str, str] | None = None, num_cpus: float = 0.25):

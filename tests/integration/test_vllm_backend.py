@@ -202,10 +202,13 @@ def test_cli_describe_with_the_shipped_model_and_default_sampling(tmp_path):
 
     src = (DATA / "bbbp.csv").read_text().splitlines()
     inp = tmp_path / "in.csv"
-    inp.write_text("\n".join(src[:13]) + "\n")  # 12 molecules
+    inp.write_text("\n".join(src[:13]) + "\n")  # 12 molecules in two DSM chunks (input.chunk_rows=6): the second
+    # lies wholly outside the LLM slice, as most of the demo's do. Its rows reached the engine stage without
+    # sampling parameters, Ray Data turned max_tokens into a float, vLLM's engine core rejected it in its input
+    # thread, and the engine waited forever.
     common = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", "describe.task=bbbp",
               "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
-    r = run_cli("dsm", "--input", str(inp), *common, timeout=300)
+    r = run_cli("dsm", "--input", str(inp), *common, "--set", "input.chunk_rows=6", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("describe", *common, "--set", "describe.backend=vllm", "--set", "describe.model=smollm2",
                 "--set", "describe.vllm.gpu=false", "--set", "describe.llm_slice=4", timeout=600)
