@@ -106,6 +106,10 @@ class VLLMBackendConfig(Section):
         "(ray.data.llm exits a replica whose engine died and Ray Data restarts it forever by default: an engine "
         "that dies the same way every time would loop without end)",
     )
+    stall_timeout_s: float = Field(
+        default=1800.0, gt=0, description="fail a wave that writes no output for this long (an engine that stopped "
+        "without dying would otherwise be waited on forever); engine start-up counts, so keep it generous",
+    )
     per_request_seed: bool | None = Field(
         default=None, description="seed each request (vLLM SamplingParams.seed); None = on GPU only (vLLM's CPU "
         "build cannot: 'CPU Generator does not use offset'; the engine gets the seed instead)",

@@ -7,10 +7,17 @@ batch is a matching pair. graph->text reads rows of ``logits``, text->graph read
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lardo_ray.models.gine import GINEConfig, GINEEncoder
+from lardo_ray.models.text import TextEncoder
+
+if TYPE_CHECKING:
+    from lardo_ray.train.settings import ModelConfig
 
 MAX_LOGIT_SCALE = 100.0  # CLIP: the logit scale (1 / temperature) is clamped to [1, 100]
 
@@ -142,3 +149,51 @@ def retrieval_accuracy(logits: torch.Tensor, ks: tuple[int, ...] = (1, 5),
         b = float((t2g < k).float().mean())
         out[f"g2t_top{k}"], out[f"t2g_top{k}"], out[f"top{k}"] = a, b, (a + b) / 2
     return out
+
+
+# ------------------------------------------------------------------ the pre-training model
+class ContrastiveModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.graph_encoder = GINEEncoder(
+            GINEConfig(num_layers=cfg.num_layers, hidden=cfg.hidden, dropout=cfg.dropout, pooling=cfg.pooling,
+                       jk=cfg.jk, batch_norm=cfg.batch_norm)
+        )
+        self.graph_proj = ProjectionHead(self.graph_encoder.out_dim, cfg.projection_dim, cfg.projection_hidden)
+        if cfg.freeze_text:
+            text_dim = text_dim or cfg.text_dim
+            if not text_dim:
+                raise ValueError("freeze_text=True trains on precomputed embeddings: give text_dim")
+            self.text_encoder = None
+        else:
+            self.text_encoder = text_encoder or TextEncoder(
+                cfg.text_encoder, trainable_layers=cfg.text_trainable_layers, max_length=cfg.text_max_length
+            )
+            text_dim = self.text_encoder.dim
+        self.text_dim = int(text_dim)
+        self.text_proj = ProjectionHead(self.text_dim, cfg.projection_dim, cfg.projection_hidden)
+        self.logit_scale = LogitScale(cfg.temperature_init, learnable=cfg.learn_temperature)
+
+    @property
+    def text_mode(self) -> Literal["embedding", "tokens"]:
+        return "embedding" if self.text_encoder is None else "tokens"
+
+    def encode_graphs(self, graphs) -> torch.Tensor:
+        return self.graph_proj(self.graph_encoder(graphs))
+
+    def encode_texts(self, text: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.text_encoder is None:
+            w = self.text_proj.net[0] if isinstance(self.text_proj.net, nn.Sequential) else self.text_proj.net
+            return self.text_proj(text.to(w.weight.dtype))  # bf16 engines get fp32 embeddings from the data
+        return self.text_proj(self.text_encoder(**text))
+
+    def forward(self, graphs, text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(graph embeddings, text embeddings, logit scale); embeddings L2-normalised, (B, projection_dim)."""
+        return self.encode_graphs(graphs), self.encode_texts(text), self.logit_scale()
+
+
+def build_model(cfg: ModelConfig, text_dim: int | None = None, seed: int | None = 0) -> ContrastiveModel:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ContrastiveModel(cfg, text_dim=text_dim)

@@ -84,6 +84,46 @@ def _regroup(unit: dict[str, Any], wave_dir: str, up_dir: str, out_dir: str, con
     return stats
 
 
+class StalledWave(RuntimeError):
+    """A wave wrote nothing for describe.vllm.stall_timeout_s: the engine stopped without dying."""
+
+
+def _write_watched(described, uri: str, out: StageOutput, wave_dir: str, stall_s: float, wave: int) -> None:
+    """Write the wave's rows, failing when no new output file appears for ``stall_s`` seconds: an engine
+    whose input thread died (seen with vLLM's CPU build) stops without an error and would be waited on
+    forever. Ray Data writes a file per finished block, so files appearing is progress."""
+    import threading
+
+    from pyarrow import fs as pafs
+
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            described.write_parquet(uri)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(e)
+
+    t = threading.Thread(target=write, name="describe-vllm-wave", daemon=True)
+    t.start()
+    seen, last = -1, time.monotonic()
+    while t.is_alive():
+        t.join(timeout=min(5.0, stall_s))
+        try:
+            n = len(out.fs.get_file_info(pafs.FileSelector(wave_dir, allow_not_found=True)))
+        except OSError:
+            n = seen
+        if n != seen:
+            seen, last = n, time.monotonic()
+        elif t.is_alive() and time.monotonic() - last > stall_s:
+            raise StalledWave(
+                f"describe (vllm): wave {wave} wrote nothing for {stall_s:g} s (describe.vllm.stall_timeout_s): "
+                "the engine stopped without an error (see the replica's log above). The wave's chunks are not "
+                "written; a re-run retries them.")
+    if errors:
+        raise errors[0]
+
+
 def run_vllm_waves(cfg: PipelineConfig, up: StageOutput, out: StageOutput, units: list[dict[str, Any]],
                    template, config_hash: str) -> None:
     import ray
@@ -100,7 +140,10 @@ def run_vllm_waves(cfg: PipelineConfig, up: StageOutput, out: StageOutput, units
             batch_format="pyarrow", num_cpus=0.25, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
         described = describe_dataset_vllm(ds, cfg.describe, template, carry=[CHUNK])
         try:
-            described.write_parquet(f"{out.uri.rstrip('/')}/_waves/{wave_dir.rsplit('/', 1)[1]}")
+            _write_watched(described, f"{out.uri.rstrip('/')}/_waves/{wave_dir.rsplit('/', 1)[1]}", out, wave_dir,
+                           cfg.describe.vllm.stall_timeout_s, w // size + 1)
+        except StalledWave:
+            raise
         except Exception as e:  # noqa: BLE001 - Ray wraps the engine's death in several error types
             raise RuntimeError(
                 f"describe (vllm): the engine failed on wave {w // size + 1} and was restarted "

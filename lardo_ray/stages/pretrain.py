@@ -1,6 +1,6 @@
 """Stage pretrain: graph-text contrastive pre-training of the GINE encoder on Ray Train (+ DeepSpeed).
 
-Reads the featurize shards (lardo_ray.train.trainer does the Ray part), writes
+Reads the featurize shards (lardo_ray.train.ray_train does the Ray part), writes
 
 * ``<out>/pretrain/encoder/``: encoder.safetensors + encoder.json (``lardo_ray.models.gine.load_encoder``, no
   DeepSpeed or Ray needed), heads.safetensors + model.json (projection heads, temperature);
@@ -153,7 +153,7 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
     from lardo_ray.execution import init_ray
     from lardo_ray.stages.lifecycle import upstream_chunks
     from lardo_ray.tracking import make_tracker
-    from lardo_ray.train import trainer as rt
+    from lardo_ray.train import ray_train as rt
     from lardo_ray.train.loop import deepspeed_config
 
     t0 = time.time()

@@ -2,7 +2,8 @@
 
 The pieces, top to bottom:
 
-* ``ContrastiveModel``: GINE graph encoder + projection head; text side = precomputed embeddings -> MLP head
+* ``ContrastiveModel`` (lardo_ray.models.contrastive, re-exported): GINE graph encoder + projection head; text
+  side = precomputed embeddings -> MLP head
   (``freeze_text``) or an in-loop HF encoder (fine-tuning its last layers) -> head; learnable temperature.
 * ``collate``: one Arrow / pandas / dict batch (rows of the featurize + embed stages) -> model ``Inputs``.
 * ``Trainer``: AdamW + warm-up/cosine schedule, ``train_step`` (one micro-batch, optimizer step at the
@@ -38,65 +39,16 @@ from torch import nn
 
 from lardo_ray import schema
 from lardo_ray.chem.graph import as_arrow_table, graphs_to_pyg_batch
-from lardo_ray.models.contrastive import LogitScale, ProjectionHead, contrastive_logits, info_nce, retrieval_accuracy
-from lardo_ray.models.gine import GINEConfig, GINEEncoder, save_encoder
-from lardo_ray.models.text import TextEncoder, embeddings_from_arrow
+from lardo_ray.models.contrastive import (ContrastiveModel, build_model, contrastive_logits, info_nce,  # noqa: F401
+                                         retrieval_accuracy)
+from lardo_ray.models.gine import save_encoder
+from lardo_ray.models.text import embeddings_from_arrow
 from lardo_ray.train.holdout import held_out_mask as eval_mask  # noqa: F401  (the loop's name for it)
-from lardo_ray.train.settings import ModelConfig, PretrainConfig
+from lardo_ray.train.settings import PretrainConfig
 
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 PLAIN_STATE = "trainer.pt"
 DS_TAG = "deepspeed"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------
-class ContrastiveModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_encoder: TextEncoder | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.graph_encoder = GINEEncoder(
-            GINEConfig(num_layers=cfg.num_layers, hidden=cfg.hidden, dropout=cfg.dropout, pooling=cfg.pooling,
-                       jk=cfg.jk, batch_norm=cfg.batch_norm)
-        )
-        self.graph_proj = ProjectionHead(self.graph_encoder.out_dim, cfg.projection_dim, cfg.projection_hidden)
-        if cfg.freeze_text:
-            text_dim = text_dim or cfg.text_dim
-            if not text_dim:
-                raise ValueError("freeze_text=True trains on precomputed embeddings: give text_dim")
-            self.text_encoder = None
-        else:
-            self.text_encoder = text_encoder or TextEncoder(
-                cfg.text_encoder, trainable_layers=cfg.text_trainable_layers, max_length=cfg.text_max_length
-            )
-            text_dim = self.text_encoder.dim
-        self.text_dim = int(text_dim)
-        self.text_proj = ProjectionHead(self.text_dim, cfg.projection_dim, cfg.projection_hidden)
-        self.logit_scale = LogitScale(cfg.temperature_init, learnable=cfg.learn_temperature)
-
-    @property
-    def text_mode(self) -> Literal["embedding", "tokens"]:
-        return "embedding" if self.text_encoder is None else "tokens"
-
-    def encode_graphs(self, graphs) -> torch.Tensor:
-        return self.graph_proj(self.graph_encoder(graphs))
-
-    def encode_texts(self, text: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.text_encoder is None:
-            w = self.text_proj.net[0] if isinstance(self.text_proj.net, nn.Sequential) else self.text_proj.net
-            return self.text_proj(text.to(w.weight.dtype))  # bf16 engines get fp32 embeddings from the data
-        return self.text_proj(self.text_encoder(**text))
-
-    def forward(self, graphs, text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(graph embeddings, text embeddings, logit scale); embeddings L2-normalised, (B, projection_dim)."""
-        return self.encode_graphs(graphs), self.encode_texts(text), self.logit_scale()
-
-
-def build_model(cfg: ModelConfig, text_dim: int | None = None, seed: int | None = 0) -> ContrastiveModel:
-    if seed is not None:
-        torch.manual_seed(seed)
-    return ContrastiveModel(cfg, text_dim=text_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_other_config_in_the_output_is_refused(featurized, tmp_path):
 
 def test_ray_data_split_equals_the_loop_split():
     from lardo_ray.train.loop import eval_mask
-    from lardo_ray.train.trainer import held_out_mask
+    from lardo_ray.train.ray_train import held_out_mask
 
     ids = [f"{i:016x}" for i in range(5000)]
     for frac, seed in ((0.05, 0), (0.2, 3), (0.0, 0)):

@@ -202,10 +202,8 @@ def test_cli_describe_with_the_shipped_model_and_default_sampling(tmp_path):
 
     src = (DATA / "bbbp.csv").read_text().splitlines()
     inp = tmp_path / "in.csv"
-    inp.write_text("\n".join(src[:13]) + "\n")  # 12 molecules in two DSM chunks (input.chunk_rows=6): the second
-    # lies wholly outside the LLM slice, as most of the demo's do. Its rows reached the engine stage without
-    # sampling parameters, Ray Data turned max_tokens into a float, vLLM's engine core rejected it in its input
-    # thread, and the engine waited forever.
+    inp.write_text("\n".join(src[:13]) + "\n")  # 12 molecules in two DSM chunks (input.chunk_rows=6), the second
+    # wholly outside the LLM slice as most of the demo's are
     common = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", "describe.task=bbbp",
               "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     r = run_cli("dsm", "--input", str(inp), *common, "--set", "input.chunk_rows=6", timeout=300)
@@ -269,3 +267,29 @@ def test_an_engine_that_dies_every_time_fails_the_stage_instead_of_restarting_fo
     assert "max_engine_restarts" in r.stderr and "re-run retries them" in r.stderr, r.stderr[-3000:]
     assert "does not use offset" in r.stdout + r.stderr  # the engine's own error reached the user
     assert time.time() - t0 < 800
+
+
+
+@pytest.mark.slow
+def test_a_wave_that_writes_nothing_fails_the_stage_after_the_stall_timeout(tiny_dir, tmp_path):
+    """The watchdog for an engine that stops without dying: a wave with no output for
+    describe.vllm.stall_timeout_s fails the stage with that setting named (here 3 s, shorter than the engine's
+    start-up, so the real engine trips it)."""
+    import time
+
+    from tests.integration.conftest import run_cli
+
+    src = (DATA / "bbbp.csv").read_text().splitlines()
+    inp = tmp_path / "in.csv"
+    inp.write_text("\n".join(src[:7]) + "\n")
+    common = ["--set", f"run.output_dir={tmp_path / 'out'}", "--set", "describe.task=bbbp",
+              "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    r = run_cli("dsm", "--input", str(inp), *common, "--set", "dsm.descriptors=[MolLogP,MolWt,TPSA]", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t0 = time.time()
+    r = run_cli("describe", *common, "--set", "describe.backend=vllm", "--set", f"describe.model={tiny_dir}",
+                "--set", "describe.vllm.gpu=false", "--set", "describe.vllm.dtype=float32",
+                "--set", f"describe.vllm.max_model_len={MAX_MODEL_LEN}", "--set", "describe.variant=no_stage1",
+                "--set", "describe.vllm.stall_timeout_s=3", env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
+    assert r.returncode != 0 and "describe.vllm.stall_timeout_s" in r.stderr, r.stdout[-1500:] + r.stderr[-3000:]
+    assert time.time() - t0 < 300
