@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHEMPROP_STAMP)
 	$(BIN)/ruff check lardo_ray jobs bench tests
+	$(BIN)/mypy
 	LARDO_CHEMPROP=$(CHEMPROP_VENV)/bin/chemprop $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)

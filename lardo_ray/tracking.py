@@ -92,7 +92,7 @@ class Tracker:
             self._failed = outer_failed
             # end_run pops the run first and then calls the server: a dead server costs only the status.
             self._safe(f"run status {status}", mlflow.end_run, status)
-            self.run_id = outer if outer is not None else self.run_id
+            self.run_id = outer  # the enclosing run again (None at top level): nothing is logged to an ended run
 
     def fail_run(self) -> None:
         """End the innermost open run as FAILED (a method or seed that failed) without raising through it."""

@@ -57,11 +57,11 @@ def _load_cards() -> dict[str, DatasetCard]:
     import yaml
 
     out: dict[str, DatasetCard] = {}
-    for path in sorted((BUNDLED_DIR / "cards").glob("*.yaml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        bench = data.get("benchmark")
-        if not bench:  # e.g. the pre-training card: no labelled file
-            continue
+    entries = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in (BUNDLED_DIR / "cards").glob("*.yaml")]
+    entries = sorted((d for d in entries if d.get("benchmark")),  # the pre-training card has no labelled file
+                     key=lambda d: (d["benchmark"].get("order", 99), d["key"]))
+    for data in entries:
+        bench = data["benchmark"]
         labels = tuple(data.get("label_columns") or ()) or None
         out[data["key"]] = DatasetCard(
             key=data["key"], name=data["name"], task_type=data["task_type"], metric=bench["metric"],

@@ -38,6 +38,7 @@ class PropertyHint(Section):
 class BenchmarkFacts(Section):
     """The benchmark file a card describes (fine-tuning reads these; stage 1 does not need them)."""
 
+    order: int = Field(default=99, description="position in tables")
     metric: str = Field(description="headline metric: roc_auc | rmse")
     file_names: list[str] = Field(description="usual file names, first = the one the card is written for")
     n_molecules: int | None = Field(default=None, description="rows of the usual file")

@@ -184,33 +184,27 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
                 task_mode="multitask" if data.n_tasks > 1 else "single_task")  # one D-MPNN, every target
     params = {"method": METHOD, "chemprop": exe, "epochs": n_epochs, "split": ft.split,
               "split_sizes": str(list(ft.split_sizes)), "dataset": key, "n_molecules": len(data)}
-    outer = tracker.run_id
-    try:
-        with tracker.run(f"{key}/{METHOD}", tags=finetune_tags(key, METHOD, ft.split, **base)):
-            parent = tracker.run_id
-            tracker.log_params(params)
-            for seed, metrics in sorted(res.per_seed.items()):
-                tags = {**finetune_tags(key, METHOD, ft.split, seed=seed, **base), TAG_SPLIT_HASH: hashes[seed]}
-                with tracker.run(f"seed{seed}", tags=tags, nested=True):
-                    tracker.log_params({**params, "seed": seed})
-                    tracker.log_metrics(metrics)
-                    pred_file = root / f"seed{seed}" / "test_pred.npy"
-                    if pred_file.exists():  # what compare's paired bootstrap reads back
-                        from lardo_ray.stages.finetune import write_predictions
+    with tracker.run(f"{key}/{METHOD}", tags=finetune_tags(key, METHOD, ft.split, **base)):
+        tracker.log_params(params)
+        for seed, metrics in sorted(res.per_seed.items()):
+            tags = {**finetune_tags(key, METHOD, ft.split, seed=seed, **base), TAG_SPLIT_HASH: hashes[seed]}
+            with tracker.run(f"seed{seed}", tags=tags, nested=True):
+                tracker.log_params({**params, "seed": seed})
+                tracker.log_metrics(metrics)
+                pred_file = root / f"seed{seed}" / "test_pred.npy"
+                if pred_file.exists():  # what compare's paired bootstrap reads back
+                    from lardo_ray.stages.finetune import write_predictions
 
-                        path = str(root / f"seed{seed}" / f"{_safe(key)}__{METHOD}__{ft.split}__seed{seed}.parquet")
-                        write_predictions(path, data, np.asarray(splits[seed].test),
-                                          np.load(pred_file))
-                        tracker.log_artifact(path)
-                        tracker.set_tags({TAG_PREDICTIONS: os.path.basename(path)})
-                    log_file = root / f"seed{seed}" / "chemprop.log"
-                    if log_file.exists():
-                        tracker.log_artifact(str(log_file))
-                tracker.run_id = parent
-            if res.per_seed:
-                tracker.log_metrics({**parent_summary(list(res.per_seed.values())),
-                                     "wall_seconds": res.seconds, "n_failed_seeds": float(len(res.failed))})
-    finally:
-        tracker.run_id = outer
+                    path = str(root / f"seed{seed}" / f"{_safe(key)}__{METHOD}__{ft.split}__seed{seed}.parquet")
+                    write_predictions(path, data, np.asarray(splits[seed].test),
+                                      np.load(pred_file))
+                    tracker.log_artifact(path)
+                    tracker.set_tags({TAG_PREDICTIONS: os.path.basename(path)})
+                log_file = root / f"seed{seed}" / "chemprop.log"
+                if log_file.exists():
+                    tracker.log_artifact(str(log_file))
+        if res.per_seed:
+            tracker.log_metrics({**parent_summary(list(res.per_seed.values())),
+                                 "wall_seconds": res.seconds, "n_failed_seeds": float(len(res.failed))})
     shutil.rmtree(root, ignore_errors=True)
     return res

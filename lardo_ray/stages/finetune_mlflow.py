@@ -139,56 +139,51 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                 task_mode=task_mode_of(g, prepared))
     params = _params(g.cfg, g, enc, prepared)
     extra = {TAG_ENCODER: g.encoder_spec or "", TAG_ENCODER_SHA: res.encoder_sha256}
-    outer_run_id, n_not_logged = tracker.run_id, len(tracker.not_logged)
-    try:
-        with tracker.run(f"{g.dataset_key}/{g.method}",
-                         tags={**finetune_tags(g.dataset_key, g.method, ft.split, **base), **extra}):
-            parent_id = res.parent_run_id = tracker.run_id
-            tracker.log_params(params)
-            if res.failed:
-                tracker.set_tags({TAG_FAILED_SEEDS: ",".join(str(s) for s in sorted(res.failed))})
-            for r in res.seeds:
-                tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=r.seed, **base), **extra,
-                        TAG_SPLIT_HASH: r.split_hash}
-                with tracker.run(f"seed{r.seed}", tags=tags, nested=True):
-                    if tracker.enabled and tracker.run_id:
-                        res.child_run_ids[r.seed] = tracker.run_id
-                        tracker.log_params({**params, "seed": r.seed})
-                        tracker.log_metrics(r.metrics())
-                        _log_history(tracker, tracker.run_id, r.history)
-                        if r.seed in res.predictions_local:
-                            tracker.log_artifact(res.predictions_local[r.seed])
-                            tracker.set_tags({TAG_PREDICTIONS: os.path.basename(res.predictions_local[r.seed])})
-                        if r.member is not None and not g.baseline:  # forests: only their ensemble (size)
-                            _log_saved_model(tracker, g, res, prepared, [r])
-                tracker.run_id = parent_id
-            for seed, err in sorted(res.failed.items()):
-                tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=seed, **base), **extra}
-                with tracker.run(f"seed{seed}", tags=tags, nested=True):
-                    tracker.log_params({**params, "seed": seed})
-                    tracker.log_text(err, "error.txt")
-                    tracker.set_tags({"lardo.error": err.strip().splitlines()[-1][:500] if err.strip() else err})
-                    tracker.fail_run()
-                tracker.run_id = parent_id
-            if not res.seeds:  # the method failed: its parent run says so too
-                tracker.log_text("\n\n".join(f"seed {s}: {e}" for s, e in sorted(res.failed.items())), "error.txt")
+    n_not_logged = len(tracker.not_logged)
+    with tracker.run(f"{g.dataset_key}/{g.method}",
+                     tags={**finetune_tags(g.dataset_key, g.method, ft.split, **base), **extra}):
+        res.parent_run_id = tracker.run_id
+        tracker.log_params(params)
+        if res.failed:
+            tracker.set_tags({TAG_FAILED_SEEDS: ",".join(str(s) for s in sorted(res.failed))})
+        for r in res.seeds:
+            tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=r.seed, **base), **extra,
+                    TAG_SPLIT_HASH: r.split_hash}
+            with tracker.run(f"seed{r.seed}", tags=tags, nested=True):
+                if tracker.enabled and tracker.run_id:
+                    res.child_run_ids[r.seed] = tracker.run_id
+                    tracker.log_params({**params, "seed": r.seed})
+                    tracker.log_metrics(r.metrics())
+                    _log_history(tracker, tracker.run_id, r.history)
+                    if r.seed in res.predictions_local:
+                        tracker.log_artifact(res.predictions_local[r.seed])
+                        tracker.set_tags({TAG_PREDICTIONS: os.path.basename(res.predictions_local[r.seed])})
+                    if r.member is not None and not g.baseline:  # forests: only their ensemble (size)
+                        _log_saved_model(tracker, g, res, prepared, [r])
+        for seed, err in sorted(res.failed.items()):
+            tags = {**finetune_tags(g.dataset_key, g.method, ft.split, seed=seed, **base), **extra}
+            with tracker.run(f"seed{seed}", tags=tags, nested=True):
+                tracker.log_params({**params, "seed": seed})
+                tracker.log_text(err, "error.txt")
+                tracker.set_tags({"lardo.error": err.strip().splitlines()[-1][:500] if err.strip() else err})
                 tracker.fail_run()
-            if res.seeds:
-                tracker.log_metrics({**parent_summary([r.metrics() for r in res.seeds]),
-                                     "wall_seconds": res.wall_seconds,
-                                     "n_failed_seeds": float(len(res.failed))})
-            if res.csv_local:
-                tracker.log_artifact(res.csv_local)
-            members = [r for r in res.seeds if r.member is not None]
-            if g.baseline and res.seeds and not members and ft.save_models:
-                res.model_note = (f"not saved: {prepared.data.n_tasks} targets > {MAX_SAVED_TARGETS} (forests of "
-                                  "that many targets run to gigabytes; their predictions are logged)")
-            if members and not res.failed:  # an ensemble that lost a seed is not the method's model
-                res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
-                if res.model_uri and ft.register_models:
-                    res.registered = _register(tracker, g, res)
-    finally:
-        tracker.run_id = outer_run_id  # Tracker.run leaves the last run's id behind; the caller's run is back
+        if not res.seeds:  # the method failed: its parent run says so too
+            tracker.log_text("\n\n".join(f"seed {s}: {e}" for s, e in sorted(res.failed.items())), "error.txt")
+            tracker.fail_run()
+        if res.seeds:
+            tracker.log_metrics({**parent_summary([r.metrics() for r in res.seeds]),
+                                 "wall_seconds": res.wall_seconds,
+                                 "n_failed_seeds": float(len(res.failed))})
+        if res.csv_local:
+            tracker.log_artifact(res.csv_local)
+        members = [r for r in res.seeds if r.member is not None]
+        if g.baseline and res.seeds and not members and ft.save_models:
+            res.model_note = (f"not saved: {prepared.data.n_tasks} targets > {MAX_SAVED_TARGETS} (forests of "
+                              "that many targets run to gigabytes; their predictions are logged)")
+        if members and not res.failed:  # an ensemble that lost a seed is not the method's model
+            res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
+            if res.model_uri and ft.register_models:
+                res.registered = _register(tracker, g, res)
     if tracker.enabled:
         res.experiment, res.tracking_uri = tracker.experiment, tracker.uri
     res.not_logged = list(tracker.not_logged[n_not_logged:])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,10 +25,20 @@ from lardo_ray.config_base import RayResources
 from lardo_ray.io import StageOutput, check_writable
 from lardo_ray.stages.registry import Stage
 
+if TYPE_CHECKING:
+    from lardo_ray.tracking import Tracker
+
 log = logging.getLogger("lardo_ray")
 
 
-def rejected_table(columns: dict[str, list], stage: str) -> pa.Table:
+class Core(Protocol):
+    """What a stage does to one batch, without Ray: input rows -> (output rows, rejected rows with reasons)."""
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]: ...
+
+
+
+def rejected_table(columns: dict[str, list[Any]], stage: str) -> pa.Table:
     n = len(columns[schema.INPUT_SMILES])
     cols = dict(columns)
     cols[schema.STAGE] = [stage] * n
@@ -127,7 +138,7 @@ def count_rejections(out: StageOutput, chunk_ids: list[str]) -> dict[str, int]:
 
 
 def num_rows(out: StageOutput, path: str) -> int:
-    return pq.ParquetFile(out.fs.open_input_file(path)).metadata.num_rows
+    return int(pq.ParquetFile(out.fs.open_input_file(path)).metadata.num_rows)
 
 
 def reconcile(out: StageOutput, stage: str, chunk_ids: list[str], n_read: int) -> StageSummary:
@@ -188,7 +199,7 @@ class Plan:
         return sum(self.rows.values())
 
 
-def _input_chunk_rows(cfg: PipelineConfig, stage: Stage):
+def _input_chunk_rows(cfg: PipelineConfig, stage: Stage) -> int | Callable[[int], int]:
     """Rows per chunk: the plan an earlier run of this output used (a resumed run must find the same chunks,
     whatever the cluster's size now), else sized from the input's row count and the actor pool
     (``auto_chunk_rows``), ``input.chunk_rows`` being the upper bound."""
@@ -234,12 +245,13 @@ def plan_upstream(cfg: PipelineConfig, upstream: str) -> Plan:
 class SlicedCore:
     """A core applied to slices of ``rows`` rows (per-row Python objects stay bounded on large shards)."""
 
-    def __init__(self, core, rows: int):
+    def __init__(self, core: Core, rows: int):
         self.core, self.rows = core, rows
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         if table.num_rows <= self.rows:  # an empty chunk still gets (empty) shards, so its marker is honest
-            return self.core(table)
+            rows, rejected = self.core(table)
+            return rows, rejected
         parts = [self.core(table.slice(i, self.rows)) for i in range(0, table.num_rows, self.rows)]
         return pa.concat_tables([p[0] for p in parts]), pa.concat_tables([p[1] for p in parts])
 
@@ -258,6 +270,8 @@ class ChunkWorker:
         self.up = StageOutput(upstream_dir) if upstream_dir else None
         self.config_hash = config_hash
         self.context = dict(context or {})
+        if self.stage.core is None:
+            raise ValueError(f"stage {self.stage.name!r} has no core: it is not a chunked stage")
         self.core = load_ref(self.stage.core)(self.cfg, **self.context)
 
     def read(self, unit: dict[str, Any]) -> pa.Table:
@@ -291,7 +305,7 @@ class ChunkWorker:
         return {}
 
 
-def run_stage(stage: str | Stage, cfg: PipelineConfig, tracker=None) -> StageSummary:
+def run_stage(stage: str | Stage, cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
     """Run (or resume, or find finished) any registered chunked stage. Raises ConfigError before any work
     when the setup is wrong; RuntimeError when counts do not reconcile."""
     from lardo_ray.stages.registry import get

@@ -10,11 +10,20 @@ A molecule the model's standardiser or featurizer refuses goes to rejected/ with
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from lardo_ray.config_base import ConfigError, RayResources, Section
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from lardo_ray.config import PipelineConfig
+    from lardo_ray.io import StageOutput
+    from lardo_ray.models.saved import SavedModel
+    from lardo_ray.stages.lifecycle import SlicedCore, StageSummary
+    from lardo_ray.tracking import Tracker
 
 
 class ApplyModelConfig(Section):
@@ -35,10 +44,10 @@ class ApplyModelConfig(Section):
 class ApplyModelCore:
     """A table of input rows -> (rows with predictions or embeddings, rejected rows)."""
 
-    def __init__(self, saved, mode: str, batch_size: int = 256):
+    def __init__(self, saved: SavedModel, mode: str, batch_size: int = 256):
         self.model, self.mode, self.batch_size = saved, mode, batch_size
 
-    def __call__(self, table):
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         import numpy as np
         import pyarrow as pa
 
@@ -71,7 +80,7 @@ class ApplyModelCore:
         return pa.table(cols), rejected
 
 
-def _core(cfg, mode: str, model_uri: str, tracking_uri: str | None, **_: Any):
+def _core(cfg: PipelineConfig, mode: str, model_uri: str, tracking_uri: str | None, **_: Any) -> SlicedCore:
     from lardo_ray.models.mlflow_model import download
     from lardo_ray.models.saved import SavedModel
     from lardo_ray.stages.lifecycle import SlicedCore
@@ -81,32 +90,32 @@ def _core(cfg, mode: str, model_uri: str, tracking_uri: str | None, **_: Any):
     return SlicedCore(ApplyModelCore(saved, mode, section.batch_size), section.batch_rows)
 
 
-def predict_core(cfg, **context: Any):
+def predict_core(cfg: PipelineConfig, **context: Any) -> SlicedCore:
     return _core(cfg, **{**context, "mode": "predict"})
 
 
-def encode_core(cfg, **context: Any):
+def encode_core(cfg: PipelineConfig, **context: Any) -> SlicedCore:
     return _core(cfg, **{**context, "mode": "encode"})
 
 
 # ---------------------------------------------------------------- the stages' hooks (registry)
 
 
-def _check(cfg, mode: str) -> None:
+def _check(cfg: PipelineConfig, mode: str) -> None:
     if not getattr(cfg, mode).model:
         raise ConfigError(f"config key '{mode}.model' is empty: give --model models:/NAME/VERSION (or runs:/..., "
                           "or a model directory)")
 
 
-def check_predict(cfg) -> None:
+def check_predict(cfg: PipelineConfig) -> None:
     _check(cfg, "predict")
 
 
-def check_encode(cfg) -> None:
+def check_encode(cfg: PipelineConfig) -> None:
     _check(cfg, "encode")
 
 
-def _prepare(cfg, mode: str, tracker) -> dict[str, Any]:
+def _prepare(cfg: PipelineConfig, mode: str, tracker: Tracker) -> dict[str, Any]:
     """Resolve the model once on the driver (an alias to its version number; the model is loaded and its
     versions checked here, so a wrong model fails before any work) and tell every actor where it is."""
     from lardo_ray.models.mlflow_model import download, resolve_version
@@ -130,19 +139,19 @@ def _prepare(cfg, mode: str, tracker) -> dict[str, Any]:
             "targets": saved.targets}
 
 
-def prepare_predict(cfg, out, tracker) -> dict[str, Any]:
+def prepare_predict(cfg: PipelineConfig, out: StageOutput, tracker: Tracker) -> dict[str, Any]:
     return _prepare(cfg, "predict", tracker)
 
 
-def prepare_encode(cfg, out, tracker) -> dict[str, Any]:
+def prepare_encode(cfg: PipelineConfig, out: StageOutput, tracker: Tracker) -> dict[str, Any]:
     return _prepare(cfg, "encode", tracker)
 
 
-def summary(cfg, out, chunk_ids: list[str], context: dict[str, Any]) -> dict[str, Any]:
+def summary(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str], context: dict[str, Any]) -> dict[str, Any]:
     what = f"{len(context['targets'])} target(s): {', '.join(context['targets'])[:200]}" \
         if context["mode"] == "predict" else "embeddings"
     return {"model": f"{context['model_uri']} ({context['model_name']}; {what})"}
 
 
-def manifest_extra(cfg, context: dict[str, Any], summary) -> dict[str, Any]:
+def manifest_extra(cfg: PipelineConfig, context: dict[str, Any], summary: StageSummary) -> dict[str, Any]:
     return {"model": context["model_uri"], "model_name": context["model_name"], "targets": context["targets"]}

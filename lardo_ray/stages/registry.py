@@ -62,7 +62,7 @@ class Stage:
 
     def upstream_of(self, cfg: Any) -> str | None:
         if self.upstream and ":" in self.upstream:
-            return load_ref(self.upstream)(cfg)
+            return str(load_ref(self.upstream)(cfg))
         return self.upstream
 
     def resources_of(self, cfg: Any) -> Any:
