@@ -109,15 +109,12 @@ def log_model(model_dir: str, name: str = "model") -> str:
 
 
 def register(model_uri: str, name: str, tags: dict[str, str], tracking_uri: str) -> str:
-    """A new version of registered model ``name`` from ``model_uri``; returns "models:/name/version"."""
-    client = mlflow.MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="lardo_ray: a fine-tuned MolGraph-LarDo model "
-                                       "(lardo_ray.models.mlflow_model)")
-    mv = client.create_model_version(name, model_uri, run_id=model_uri.split("/")[1] if model_uri.startswith("runs:/") else None,
-                                     tags={k: str(v) for k, v in tags.items()})
+    """A new version of registered model ``name`` from ``model_uri``; returns "models:/name/version".
+    ``mlflow.register_model`` (not the client's create_model_version): a logged model's ``models:/m-<id>``
+    source needs its model id passed along, which a tracking server insists on."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     return f"models:/{name}/{mv.version}"
 
 
@@ -149,6 +146,8 @@ def resolve_version(uri: str, tracking_uri: str) -> str:
         return uri
     client = mlflow.MlflowClient(tracking_uri)
     rest = uri[len("models:/"):]
+    if "/" not in rest and "@" not in rest and rest.startswith("m-"):
+        return uri  # a logged model's id (MLflow 3): fixed already
     if "@" in rest:
         name, alias = rest.split("@", 1)
         return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
