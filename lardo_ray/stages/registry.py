@@ -151,23 +151,17 @@ register(Stage(
     help="read fine-tune runs from MLflow: dataset x method table (mean ± std), CSV, Markdown, PNG bar chart",
     run="lardo_ray.stages.pipeline:compare_in_pipeline",
 ))
-register(Stage(
-    name="predict",
-    help="apply a fine-tuned model (models:/NAME/VERSION, runs:/..., a directory) to any molecules: one "
-    "pred_<target> (+ _std over the seed ensemble) per target; resumable",
-    core="lardo_ray.stages.predict:predict_core",
-    sections=("input", "predict"), resources="predict.ray",
-    check="lardo_ray.stages.predict:check_predict", prepare="lardo_ray.stages.predict:prepare_predict",
-    summary="lardo_ray.stages.predict:summary", manifest="lardo_ray.stages.predict:manifest_extra",
-    in_pipeline=False,
-))
-register(Stage(
-    name="encode",
-    help="a model's graph embeddings (fixed-size float32) for any molecules, for your own models and "
-    "similarity search; resumable",
-    core="lardo_ray.stages.predict:encode_core",
-    sections=("input", "encode"), resources="encode.ray",
-    check="lardo_ray.stages.predict:check_encode", prepare="lardo_ray.stages.predict:prepare_encode",
-    summary="lardo_ray.stages.predict:summary", manifest="lardo_ray.stages.predict:manifest_extra",
-    in_pipeline=False,
-))
+def _apply_model_stage(name: str, help: str) -> Stage:
+    """predict and encode: one input-chunked stage over a saved model, told apart by their config section."""
+    mod = "lardo_ray.stages.predict"
+    return Stage(name=name, help=help, core=f"{mod}:{name}_core", sections=("input", name), resources=f"{name}.ray",
+                 check=f"{mod}:check_{name}", prepare=f"{mod}:prepare_{name}", summary=f"{mod}:summary",
+                 manifest=f"{mod}:manifest_extra", in_pipeline=False)
+
+
+register(_apply_model_stage(
+    "predict", "apply a fine-tuned model (models:/NAME/VERSION, runs:/..., a directory) to any molecules: one "
+    "pred_<target> (+ _std over the seed ensemble) per target; resumable"))
+register(_apply_model_stage(
+    "encode", "a model's graph embeddings (fixed-size float32) for any molecules, for your own models and "
+    "similarity search; resumable"))
