@@ -101,11 +101,22 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def temporary_name(path: str) -> str:
+    """A sibling name for writing ``path`` before its rename.
+
+    It starts with a dot because a writer killed mid-write leaves it behind, and dataset readers
+    (pyarrow, Ray Data, pandas) skip dot-files when they read a directory: a half-written
+    ``part-*.parquet.tmp`` beside the shards would otherwise be read as a corrupt shard.
+    """
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if head else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write through a temporary name and rename: readers never see half a file."""
     fs, path = filesystem_and_path(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_name(path)
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)

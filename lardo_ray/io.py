@@ -13,7 +13,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -439,13 +438,13 @@ class StageOutput:
             ensure_dir(self.fs, d)
 
     def write_table_atomic(self, path: str, table: pa.Table) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _fs.temporary_name(path)
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         self.fs.move(tmp, path)
 
     def write_marker(self, chunk_id: str, stats: dict[str, Any]) -> None:
         path = self.marker_path(chunk_id)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _fs.temporary_name(path)
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(stats, sort_keys=True).encode())
         self.fs.move(tmp, path)
@@ -473,7 +472,7 @@ class StageOutput:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         p = _join(self.path, "manifest.json")
-        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _fs.temporary_name(p)
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
         self.fs.move(tmp, p)

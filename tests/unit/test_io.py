@@ -132,3 +132,20 @@ def test_plan_chunks_sizes_chunks_from_the_row_count(tmp_path):
     chunks = plan_chunks(str(p), chunk_rows=lambda n: seen.append(n) or 300, limit=900)
     assert seen == [900]  # the count after input.limit
     assert [c.n_rows for c in chunks] == [300, 300, 300]
+
+
+def test_a_temporary_left_by_a_killed_writer_is_not_read_as_a_shard(tmp_path):
+    """A writer killed between write and rename leaves its temporary beside the shards (CI met this after a
+    node kill in describe); reading the directory, as users do, must skip it rather than fail on it."""
+    from lardo_ray.fs import temporary_name
+
+    out = StageOutput(str(tmp_path / "stage"))
+    out.prepare()
+    out.write_table_atomic(out.data_path("00000-000000"), pa.table({"a": [1, 2]}))
+    leftover = temporary_name(out.data_path("00000-000001"))
+    with open(leftover, "wb") as f:
+        f.write(b"PAR1 half a file")
+    assert pq.read_table(str(tmp_path / "stage" / "data")).num_rows == 2
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path / "stage" / "data")) == 2
