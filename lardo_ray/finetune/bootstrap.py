@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lardo_ray.finetune.metrics import evaluate, higher_is_better
+from lardo_ray.finetune.metrics import evaluate, higher_is_better, resampled_values
 
 
 @dataclass
@@ -77,18 +77,22 @@ def paired_bootstrap(dataset: str, task_type: str, metric: str, a: tuple, b: tup
     y, pa_, pb_ = y[ia], pa_[ia], pb_[ib]
     sign = 1.0 if higher_is_better(metric) else -1.0
 
-    def value(idx, pred):
-        return evaluate(task_type, y[idx], pred[idx], tasks, metric).value
-
-    full = np.arange(len(common))
-    va, vb = value(full, pa_), value(full, pb_)
+    va = evaluate(task_type, y, pa_, tasks, metric).value
+    vb = evaluate(task_type, y, pb_, tasks, metric).value
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(common), len(common))
-        da, db = value(idx, pa_), value(idx, pb_)
-        if np.isfinite(da) and np.isfinite(db):  # a resample may leave a task with one class: not scorable
-            diffs.append(sign * (da - db))
+    n = len(common)
+    diffs: list[float] = []
+    # in blocks: a (resamples x molecules) count matrix of ToxCast's test set at once is fine, of a
+    # 100k-molecule test set it is not
+    block = max(1, min(n_resamples, 2_000_000 // max(n, 1)))
+    for start in range(0, n_resamples, block):
+        m = min(block, n_resamples - start)
+        idx = rng.integers(0, n, (m, n))
+        counts = np.bincount((np.arange(m)[:, None] * n + idx).ravel(), minlength=m * n).reshape(m, n)
+        da = resampled_values(task_type, metric, y, pa_, counts)
+        db = resampled_values(task_type, metric, y, pb_, counts)
+        ok = np.isfinite(da) & np.isfinite(db)  # a resample may leave every task with one class: not scorable
+        diffs.extend((sign * (da[ok] - db[ok])).tolist())
     lo, hi = (np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan))
     return PairedBootstrap(dataset=dataset, metric=metric, method_a=names[0], method_b=names[1], value_a=va,
                            value_b=vb, diff=sign * (va - vb), low=float(lo), high=float(hi), n_test=len(common),

@@ -160,6 +160,52 @@ def evaluate(task_type: str, y_true, y_pred, task_names: Sequence[str] | None = 
     return out
 
 
+def resampled_values(task_type: str, metric: str, y_true, y_pred, counts) -> np.ndarray:
+    """The headline ``metric`` of many resamples of the rows at once, equal to ``evaluate`` on each.
+
+    ``counts`` (n_resamples, n_rows) says how often each row is drawn (a bootstrap resample with
+    replacement): scoring ``y[idx]`` equals scoring every row weighted by its count. Same rules as
+    ``evaluate``: NaN labels masked, a task with one class (or no labels) in a resample skipped, the
+    headline the mean over the scored tasks, NaN when none is. Why not call ``evaluate`` per resample:
+    ToxCast's 617 tasks x 1,000 resamples x two methods is 1.2 M ``roc_auc_score`` calls (40 min);
+    this is ranks and cumulative sums over the resamples (seconds)."""
+    yt, yp, _ = _check(y_true, y_pred, None)
+    w = np.asarray(counts, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != yt.shape[0]:
+        raise ValueError(f"counts must be (n_resamples, {yt.shape[0]}), got {w.shape}")
+    if metric not in ({"roc_auc"} if task_type == "classification" else {"rmse", "mae"}):
+        raise ValueError(f"metric {metric!r} is not computed for {task_type}")
+    per_task = np.full((w.shape[0], yt.shape[1]), np.nan)
+    for t in range(yt.shape[1]):
+        mask = ~np.isnan(yt[:, t])
+        if not mask.any():
+            continue
+        labels, scores, wt = yt[mask, t], yp[mask, t], w[:, mask]
+        if not np.isfinite(scores).all():
+            raise ValueError(f"task {t}: predictions hold NaN/inf where a label exists")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if task_type == "regression":
+                err = scores - labels
+                total = wt.sum(axis=1)
+                vals = (np.sqrt(wt @ err**2 / total) if metric == "rmse" else wt @ np.abs(err) / total)
+                per_task[:, t] = np.where(total > 0, vals, np.nan)
+                continue
+            order = np.argsort(scores, kind="stable")
+            s, pos, ws = scores[order], labels[order] == 1.0, wt[:, order]
+            # negatives' weight below each position (exclusive cumulative sum), and at each tie group's ends
+            neg_cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(ws * ~pos, axis=1)], axis=1)
+            starts = np.searchsorted(s, s, side="left")
+            ends = np.searchsorted(s, s, side="right")
+            below, tied = neg_cum[:, starts], neg_cum[:, ends] - neg_cum[:, starts]
+            w_pos, w_neg = (ws * pos).sum(axis=1), (ws * ~pos).sum(axis=1)
+            auc = ((ws * pos) * (below + 0.5 * tied)).sum(axis=1) / (w_pos * w_neg)
+            per_task[:, t] = np.where((w_pos > 0) & (w_neg > 0), auc, np.nan)
+    scored = ~np.isnan(per_task)
+    n = scored.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.nansum(per_task, axis=1) / n, np.nan)
+
+
 def is_better(new: float, best: float | None, metric: str) -> bool:
     """Model selection on validation: True when ``new`` beats ``best`` (None / NaN best = anything wins)."""
     if new is None or math.isnan(new):

@@ -45,3 +45,40 @@ def test_seeds_on_different_test_sets_are_refused():
     t2 = pd.DataFrame({"row": [0, 1, 3], "y_t": [0.0, 1, 0], "pred_t": [0.1, 0.9, 0.2]})
     with pytest.raises(ValueError, match="different molecules"):
         seed_average([t1, t2])
+
+
+@pytest.mark.parametrize("task_type, metric", [("classification", "roc_auc"), ("regression", "rmse"),
+                                               ("regression", "mae")])
+def test_resampled_scores_equal_the_metric_code_on_each_resample(task_type, metric):
+    """The bootstrap scores all resamples at once by weighting rows with their draw counts; each value must
+    be what ``evaluate`` gives on that resample's rows: ties in the scores, NaN labels, a task that a resample
+    leaves with one class (skipped there) and a task with no labels at all."""
+    from lardo_ray.finetune.metrics import evaluate, resampled_values
+
+    rng = np.random.default_rng(3)
+    n, k = 40, 4
+    if task_type == "classification":
+        y = rng.integers(0, 2, (n, k)).astype(float)
+        y[:, 2] = 0.0
+        y[:3, 2] = 1.0  # rare positives: many resamples hold none
+        pred = np.round(rng.random((n, k)), 1)  # ties
+    else:
+        y = rng.normal(size=(n, k))
+        pred = y + rng.normal(size=(n, k))
+    y[rng.random((n, k)) < 0.3] = np.nan
+    y[:, 3] = np.nan
+    idx = rng.integers(0, n, (200, n))
+    counts = np.stack([np.bincount(i, minlength=n) for i in idx])
+    got = resampled_values(task_type, metric, y, pred, counts)
+    want = np.array([evaluate(task_type, y[i], pred[i], None, metric).value for i in idx])
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    if task_type == "classification":
+        assert any(np.unique(y[i, 2][~np.isnan(y[i, 2])]).size < 2 for i in idx)  # the skip was exercised
+
+
+def test_a_resample_where_no_task_can_be_scored_is_nan():
+    from lardo_ray.finetune.metrics import resampled_values
+
+    y = np.array([[0.0], [1.0]])
+    got = resampled_values("classification", "roc_auc", y, np.array([[0.2], [0.7]]), np.array([[2, 0], [1, 1]]))
+    assert np.isnan(got[0]) and got[1] == 1.0
