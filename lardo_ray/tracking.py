@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 from lardo_ray.config_base import ConfigError
 
@@ -166,6 +166,15 @@ TAG_TASK_MODE = "lardo.task_mode"  # single_task | multitask | per_target (the p
 TAG_ENCODER_SHA = "lardo.encoder_sha256"  # fingerprint of the encoder tensors the runs started from
 TAG_SPLIT_HASH = "lardo.split_hash"  # fingerprint of the seed's train/valid/test indices
 TAG_FAILED_SEEDS = "lardo.failed_seeds"
+
+
+class FinetuneTagKwargs(TypedDict, total=False):
+    """The keywords of ``finetune_tags`` a method's parent and seed runs share (all but ``seed``)."""
+
+    encoder_run_id: str | None
+    task_type: str | None
+    metric: str | None
+    task_mode: str | None
 
 
 def finetune_tags(

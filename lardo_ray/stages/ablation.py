@@ -129,11 +129,12 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
             log.error("ablate: variant %s failed: %s", label, result.variant_errors[label])
         result.encoders[label] = export
         result.seconds[label] = time.time() - t0
-    methods: list[tuple] = list(result.encoders.items())
+    encoded: list[tuple[str, str | None]] = list(result.encoders.items())
     if cfg.ablation.scratch:
         result.encoders["scratch"] = None
-        methods.append(("scratch", None))
-    for label, enc in list(methods):
+        encoded.append(("scratch", None))
+    methods: list[tuple[str, str | None] | tuple[str, str | None, dict[str, Any]]] = list(encoded)
+    for label, enc in encoded:
         for suffix, ft_update in heads.items():
             methods.append((label + suffix, enc, ft_update))
             result.encoders[label + suffix] = enc

@@ -24,10 +24,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lardo_ray.config import ConfigError, PipelineConfig
+
+if TYPE_CHECKING:
+    from lardo_ray.finetune.datasets import LabelledSet
+    from lardo_ray.finetune.splits import Split
+    from lardo_ray.tracking import FinetuneTagKwargs, Tracker
 
 log = logging.getLogger("lardo_ray")
 METHOD = "chemprop"
@@ -63,7 +69,7 @@ def resolve_executable(command: str) -> str:
     return path
 
 
-def _write_split_csv(path: Path, smiles: list[str], labels: np.ndarray, tasks: list[str], split) -> None:
+def _write_split_csv(path: Path, smiles: list[str], labels: np.ndarray, tasks: list[str], split: Split) -> None:
     part = np.full(len(smiles), "", dtype=object)
     part[np.asarray(split.train)] = "train"
     part[np.asarray(split.valid)] = "val"
@@ -86,7 +92,7 @@ def _read_predictions(path: Path, tasks: list[str], test_smiles: list[str]) -> n
     return np.asarray([[float(r[t]) for t in tasks] for r in rows], dtype=np.float64)
 
 
-def _predict(exe: str, model: Path, smiles: list[str], out: Path, env: dict, timeout: float | None) -> Path:
+def _predict(exe: str, model: Path, smiles: list[str], out: Path, env: dict[str, str], timeout: float | None) -> Path:
     src = out.with_suffix(".input.csv")
     with open(src, "w", newline="") as f:
         w = csv.writer(f)
@@ -100,8 +106,8 @@ def _predict(exe: str, model: Path, smiles: list[str], out: Path, env: dict, tim
     return out
 
 
-def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task_type: str, metric: str,
-                 timeout: float | None = None, threads: int | None = None) -> dict[str, float]:
+def run_one_seed(exe: str, work: Path, data: LabelledSet, split: Split, seed: int, epochs: int, task_type: str,
+                 metric: str, timeout: float | None = None, threads: int | None = None) -> dict[str, float]:
     from lardo_ray.finetune.metrics import evaluate
 
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,7 @@ def run_one_seed(exe: str, work: Path, data, split, seed: int, epochs: int, task
     return metrics
 
 
-def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
+def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker: Tracker | None = None,
                           epochs: int | None = None) -> ChempropResult:
     """chemprop on ``cfg.finetune``'s data set, split and seeds; a parent + per-seed MLflow runs."""
     from lardo_ray.finetune.metrics import parent_summary
@@ -163,7 +169,7 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
     parallel = max(1, min(len(ft.seeds), cores))
     splits = {seed: split_for(prepared, ft, seed) for seed in ft.seeds}
 
-    def one(seed: int):
+    def one(seed: int) -> None:
         split = splits[seed]
         hashes[seed] = split_hash(split)
         if cfg.run.progress:
@@ -180,8 +186,8 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
         list(pool.map(one, ft.seeds))
     res.seconds = time.perf_counter() - t0
 
-    base = dict(task_type=data.task_type, metric=data.metric,
-                task_mode="multitask" if data.n_tasks > 1 else "single_task")  # one D-MPNN, every target
+    task_mode = "multitask" if data.n_tasks > 1 else "single_task"  # one D-MPNN, every target
+    base: FinetuneTagKwargs = {"task_type": data.task_type, "metric": data.metric, "task_mode": task_mode}
     params = {"method": METHOD, "chemprop": exe, "epochs": n_epochs, "split": ft.split,
               "split_sizes": str(list(ft.split_sizes)), "dataset": key, "n_molecules": len(data)}
     with tracker.run(f"{key}/{METHOD}", tags=finetune_tags(key, METHOD, ft.split, **base)):
@@ -193,7 +199,7 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker=None,
                 tracker.log_metrics(metrics)
                 pred_file = root / f"seed{seed}" / "test_pred.npy"
                 if pred_file.exists():  # what compare's paired bootstrap reads back
-                    from lardo_ray.stages.finetune import write_predictions
+                    from lardo_ray.stages.finetune_results import write_predictions
 
                     path = str(root / f"seed{seed}" / f"{_safe(key)}__{METHOD}__{ft.split}__seed{seed}.parquet")
                     write_predictions(path, data, np.asarray(splits[seed].test),

@@ -77,7 +77,10 @@ from lardo_ray.tracking import (  # noqa: F401 - the compare contract's tag name
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from lardo_ray.config import PipelineConfig
+    from lardo_ray.finetune.bootstrap import PairedBootstrap
 
 log = logging.getLogger("lardo_ray")
 
@@ -85,7 +88,9 @@ log = logging.getLogger("lardo_ray")
 def _published() -> dict[str, dict[str, Any]]:
     import yaml
 
-    return yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "published.yaml").read_text())
+    anchors: dict[str, dict[str, Any]] = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "data" / "published.yaml").read_text())
+    return anchors
 
 
 
@@ -107,13 +112,13 @@ class CompareResult:
     splits: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     local_files: list[str] = field(default_factory=list)  # the same files on this machine (for MLflow)
-    bootstrap: list = field(default_factory=list)  # PairedBootstrap per dataset (lardo_ray.finetune.bootstrap)
+    bootstrap: list[PairedBootstrap] = field(default_factory=list)  # one per dataset
 
 
 # ---------------------------------------------------------------- reading MLflow
 
 
-def search_finetune_runs(cfg: CompareConfig):
+def search_finetune_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, str]:
     """All runs of the experiment (pandas, as mlflow.search_runs returns them)."""
     import mlflow
     from mlflow.entities import ViewType
@@ -137,7 +142,7 @@ def search_finetune_runs(cfg: CompareConfig):
     return df, uri
 
 
-def _select_runs(df, cfg: CompareConfig, notes: list[str]):
+def _select_runs(df: pd.DataFrame, cfg: CompareConfig, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(children, parents) DataFrames of fine-tune runs, children carrying the parent's missing tags."""
     kind = _col(df, f"tags.{TAG_KIND}")
     seed = _col(df, f"tags.{TAG_SEED}")
@@ -167,7 +172,7 @@ def _select_runs(df, cfg: CompareConfig, notes: list[str]):
     return children, parents
 
 
-def _filter(part, cfg: CompareConfig):
+def _filter(part: pd.DataFrame, cfg: CompareConfig) -> pd.DataFrame:
     if cfg.split is not None:
         part = part[_col(part, f"tags.{TAG_SPLIT}") == cfg.split]
     if cfg.datasets:

@@ -21,7 +21,9 @@ from lardo_ray.tracking import (
 )
 
 if TYPE_CHECKING:
-    pass
+    import pandas as pd
+
+    from lardo_ray.finetune.bootstrap import PairedBootstrap
 
 log = logging.getLogger("lardo_ray")
 
@@ -35,7 +37,7 @@ class _Predictions:
         # one progress bar per tiny Parquet file would bury the table in the terminal
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-    def tables(self, name: str, runs) -> list:
+    def tables(self, name: str, runs: pd.DataFrame) -> list[pd.DataFrame]:
         import mlflow
         import pandas as pd
 
@@ -53,14 +55,15 @@ class _Predictions:
         return out
 
 
-def seed_ensembles(children, table, predictions: _Predictions, notes: list[str]) -> dict[int, float]:
+def seed_ensembles(children: pd.DataFrame, table: pd.DataFrame, predictions: _Predictions,
+                   notes: list[str]) -> dict[int, float]:
     """Per measured cell (index of ``table``): the test score of its seeds' predictions averaged (a seed
     ensemble), with the same metric code. Cells whose runs logged no predictions are left out, and said."""
     from lardo_ray.finetune.bootstrap import seed_average
 
     out: dict[int, float] = {}
     by_id = children.set_index("run_id") if len(children) else None
-    missing = []
+    missing: list[str] = []
     for i, r in table.iterrows():
         if r["published"] or r["source"] != "runs" or by_id is None:
             continue
@@ -79,7 +82,7 @@ def seed_ensembles(children, table, predictions: _Predictions, notes: list[str])
     return out
 
 
-def ensemble_markdown(table) -> str:
+def ensemble_markdown(table: pd.DataFrame) -> str:
     """Datasets x methods: single models (mean over seeds) next to the seed ensemble."""
     sub = table[table["ensemble"].notna()]
     if sub.empty:
@@ -106,8 +109,8 @@ def ensemble_markdown(table) -> str:
     return "\n".join(lines)
 
 
-def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: list[str],
-                          predictions: _Predictions | None = None) -> list:
+def bootstrap_comparisons(children: pd.DataFrame, table: pd.DataFrame, cfg: CompareConfig, uri: str, notes: list[str],
+                          predictions: _Predictions | None = None) -> list[PairedBootstrap]:
     """Per dataset: the best pre-trained method and the best baseline, each chosen on its mean validation
     score (never on test), compared by a paired bootstrap of their seed-averaged test predictions."""
     import pandas as pd
@@ -116,17 +119,19 @@ def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: 
 
     predictions = predictions or _Predictions(uri)
 
-    out = []
+    out: list[PairedBootstrap] = []
     by_id = children.set_index("run_id") if len(children) else None
     measured = table[~table["published"] & (table["source"] == "runs")] if len(table) else table
     for ds, rows in measured.groupby("dataset", sort=False):
         metric = str(rows["metric"].iloc[0])
         vcol = f"metrics.valid_{metric}"
 
-        def side(want: str):
-            best = None
+        def side(want: str) -> tuple[float, str, pd.DataFrame] | None:
+            if by_id is None:  # no child runs: no side to pick
+                return None
+            best: tuple[float, str, pd.DataFrame] | None = None
             for _, r in rows.iterrows():
-                ids = [i for i in str(r["run_ids"]).split(";") if i and by_id is not None and i in by_id.index]
+                ids = [i for i in str(r["run_ids"]).split(";") if i and i in by_id.index]
                 if not ids:
                     continue
                 runs = by_id.loc[ids]
@@ -162,7 +167,7 @@ def bootstrap_comparisons(children, table, cfg: CompareConfig, uri: str, notes: 
     return out
 
 
-def bootstrap_markdown(boot: list, n: int) -> str:
+def bootstrap_markdown(boot: list[PairedBootstrap], n: int) -> str:
     lines = [f"**Best pre-trained method vs the best classical baseline, and vs the best GNN from scratch** "
              f"(each side chosen on validation; paired bootstrap, {n:,} resamples of the test molecules, predictions "
              "averaged over seeds; Δ > 0: pre-trained better; a win or loss only when the 95 % interval excludes 0)",

@@ -24,7 +24,9 @@ from lardo_ray.tracking import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Iterator
+
+    import pandas as pd
 
 log = logging.getLogger("lardo_ray")
 
@@ -33,7 +35,7 @@ log = logging.getLogger("lardo_ray")
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str | None):
+def _tracking_uri(uri: str | None) -> Iterator[str]:
     import mlflow
 
     if uri is None:
@@ -53,7 +55,7 @@ def _tracking_uri(uri: str | None):
         yield uri
 
 
-def _col(df, name: str):
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
     import pandas as pd
 
     if name in df.columns:
@@ -61,7 +63,7 @@ def _col(df, name: str):
     return pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
-def _present(v) -> bool:
+def _present(v: object) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v) != ""
 
 
@@ -97,7 +99,7 @@ def _dataset_order(name: str) -> tuple[int, str]:
     return (keys.index(k), k) if k in keys else (len(keys), k.lower())
 
 
-def _group_metric(rows, cfg: CompareConfig) -> str | None:
+def _group_metric(rows: pd.DataFrame, cfg: CompareConfig) -> str | None:
     """The metric of a group: cfg.metric, else by task type (tag, or which metrics were logged)."""
     if cfg.metric:
         return cfg.metric
@@ -128,7 +130,8 @@ def _cell(ms: MeanStd, metric: str) -> str:
     return f"{ms.mean * scale:.{digits}f} ± {ms.std * scale:.{digits}f} (n={ms.n})"
 
 
-def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
+def build_table(children: pd.DataFrame, parents: pd.DataFrame, cfg: CompareConfig,
+                notes: list[str]) -> list[dict[str, Any]]:
     """Long-form table: one row per (dataset, column label) with mean, std, n and provenance."""
     import pandas as pd
 
@@ -136,13 +139,13 @@ def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
     row_key, col_keys = keys[0], keys[1:]
     records: list[dict[str, Any]] = []
 
-    def label_of(r) -> tuple[str, str, str]:
+    def label_of(r: pd.Series) -> tuple[str, str, str]:
         ds = str(r.get(row_key)) if _present(r.get(row_key)) else "?"
         col = " / ".join(str(r.get(k)) if _present(r.get(k)) else "?" for k in col_keys)
         mode = r.get(f"tags.{TAG_TASK_MODE}")
         return ds, col, str(mode) if _present(mode) else ""
 
-    raw: dict[tuple[str, str, str], dict[str, list]] = {}
+    raw: dict[tuple[str, str, str], dict[str, list[pd.Series]]] = {}
     for part_name, part in (("children", children), ("parents", parents)):
         for _, r in part.iterrows():
             raw.setdefault(label_of(r), {"children": [], "parents": []})[part_name].append(r)
@@ -150,7 +153,7 @@ def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
     modes: dict[tuple[str, str], set[str]] = {}
     for ds, col, mode in raw:
         modes.setdefault((ds, col), set()).add(mode)
-    groups: dict[tuple[str, str], dict[str, list]] = {}
+    groups: dict[tuple[str, str], dict[str, list[pd.Series]]] = {}
     group_mode: dict[tuple[str, str], str] = {}
     for (ds, col, mode), g in raw.items():
         key = (ds, f"{col} ({mode})" if len(modes[(ds, col)]) > 1 and mode else col)
@@ -209,8 +212,8 @@ def build_table(children, parents, cfg: CompareConfig, notes: list[str]):
     return records
 
 
-def _add_published(records: list[dict], anchors: dict[str, dict[str, Any]], subset: str,
-                   notes: list[str]) -> list[dict]:
+def _add_published(records: list[dict[str, Any]], anchors: dict[str, dict[str, Any]], subset: str,
+                   notes: list[str]) -> list[dict[str, Any]]:
     if subset != "test":
         notes.append("published numbers are test scores: not added to a valid-subset table")
         return records
@@ -236,7 +239,7 @@ def _add_published(records: list[dict], anchors: dict[str, dict[str, Any]], subs
     return out
 
 
-def _mark_best(table) -> None:
+def _mark_best(table: pd.DataFrame) -> None:
     table["is_best"] = False
     for _ds, idx in table[~table["published"]].groupby("dataset").groups.items():
         sub = table.loc[idx]
@@ -247,7 +250,7 @@ def _mark_best(table) -> None:
         table.loc[sub.index[(sub["mean"] - best).abs() <= 1e-12], "is_best"] = True
 
 
-def _wide_and_markdown(table, title: str, footnotes: list[str]):
+def _wide_and_markdown(table: pd.DataFrame, title: str, footnotes: list[str]) -> tuple[pd.DataFrame, str]:
     import pandas as pd
 
     measured = [m for m in dict.fromkeys(table.loc[~table["published"], "method"])]
@@ -293,7 +296,7 @@ def _wide_and_markdown(table, title: str, footnotes: list[str]):
     return wide, md
 
 
-def _plot(table, title: str, path: str) -> None:
+def _plot(table: pd.DataFrame, title: str, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

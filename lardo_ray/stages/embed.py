@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
 from lardo_ray.stages.lifecycle import StageSummary, run_stage
+
+if TYPE_CHECKING:
+    from lardo_ray.io import StageOutput
+    from lardo_ray.tracking import Tracker
 
 STAGE = "embed"
 log = logging.getLogger("lardo_ray")
@@ -59,7 +65,8 @@ class EmbedCore:
         return out, empty
 
 
-def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: int = 0) -> dict[str, float]:
+def text_signal(vectors: Sequence[Sequence[float] | None], hashes: list[str | None], max_rows: int = 2000,
+                seed: int = 0) -> dict[str, float]:
     """How much the text side can tell molecules apart (what contrastive pre-training aligns graphs to).
 
     * ``text_distinct``: distinct descriptions / molecules (1.0: every molecule its own text);
@@ -93,12 +100,13 @@ def text_signal(vectors, hashes: list[str | None], max_rows: int = 2000, seed: i
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def summary(cfg: PipelineConfig, out, chunk_ids: list[str], context: dict) -> dict[str, float]:
+def summary(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str], context: dict[str, Any]) -> dict[str, float]:
     """The registry hook: how distinct the text vectors are (text_signal), on the stage's own filesystem."""
     import pyarrow.parquet as pq
 
     try:
-        vectors, hashes = [], []
+        vectors: list[list[float] | None] = []
+        hashes: list[str | None] = []
         for c in chunk_ids:  # the stage's own filesystem: local, s3://, gs://
             t = pq.read_table(out.data_path(c), filesystem=out.fs, columns=[DESCRIPTION_HASH, schema.TEXT_EMBEDDING])
             hashes += t.column(DESCRIPTION_HASH).to_pylist()
@@ -111,5 +119,5 @@ def summary(cfg: PipelineConfig, out, chunk_ids: list[str], context: dict) -> di
         return {}
 
 
-def run_embed(cfg: PipelineConfig, tracker=None) -> StageSummary:
+def run_embed(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
     return run_stage("embed", cfg, tracker)

@@ -7,11 +7,16 @@ edge_attr, num_nodes, num_edges (layout: lardo_ray.chem.graph).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
 from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
 from lardo_ray.stages.lifecycle import StageSummary, run_stage
+
+if TYPE_CHECKING:
+    from lardo_ray.tracking import Tracker
 
 STAGE = "featurize"
 
@@ -48,5 +53,5 @@ class FeaturizeCore:
         return pa.concat_tables(outs), rej
 
 
-def run_featurize(cfg: PipelineConfig, tracker=None) -> StageSummary:
+def run_featurize(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
     return run_stage("featurize", cfg, tracker)

@@ -66,14 +66,16 @@ def _baseline_task(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split
                    threads: int) -> SeedResult:
     from lardo_ray.finetune.baselines import baseline_seed
 
-    return baseline_seed(cfg, seed, prepared=prepared, split=split, features=features, threads=threads)
+    result: SeedResult = baseline_seed(cfg, seed, prepared=prepared, split=split, features=features, threads=threads)
+    return result
 
 
-_REMOTE = None
-_BASELINE_REMOTE = None
+# ray.remote handles, made on first use; Any because ray types them with classes of its private modules
+_REMOTE: Any = None
+_BASELINE_REMOTE: Any = None
 
 
-def _baseline_remote():
+def _baseline_remote() -> Any:
     global _BASELINE_REMOTE
     if _BASELINE_REMOTE is None:
         import ray
@@ -82,7 +84,7 @@ def _baseline_remote():
     return _BASELINE_REMOTE
 
 
-def _remote():
+def _remote() -> Any:
     global _REMOTE
     if _REMOTE is None:
         import ray
@@ -205,6 +207,8 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
                     local = os.path.join(stage_dir or tempfile.mkdtemp(prefix="lardo-ft-"), "predictions")
                     os.makedirs(local, exist_ok=True)
                     path = os.path.join(local, pname)
+                    # finetune_seed and baseline_seed always return the test rows and predictions
+                    assert r.test_index is not None and r.test_pred is not None
                     write_predictions(path, p.data, r.test_index, r.test_pred)
                     res.predictions_local[r.seed] = path
                     if not stage_dir:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from lardo_ray.finetune.model import EncoderSource
     from lardo_ray.finetune.splits import Split
     from lardo_ray.finetune.train import PreparedTask, SeedResult
-    from lardo_ray.tracking import Tracker
+    from lardo_ray.tracking import FinetuneTagKwargs, Tracker
 
 log = logging.getLogger("lardo_ray")
 
@@ -96,7 +96,7 @@ def _params(cfg: PipelineConfig, g: _Group, enc: EncoderSource | None, prepared:
     arch = {k: arch.get(k) for k in _ARCH_KEYS}
     if cfg.finetune.encoder_dropout is not None:
         arch["dropout"] = cfg.finetune.encoder_dropout
-    params = flatten(ft)
+    params: dict[str, Any] = flatten(ft)  # counts join the strings below; log_params makes each a string
     params.update(flatten(arch, "model."))
     params.update({"n_molecules": len(prepared), "n_tasks": prepared.data.n_tasks,
                    "data_source": prepared.data.source})
@@ -135,8 +135,8 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
                prepared: PreparedTask) -> None:
     """Parent run + one nested child per seed (compare contract), then the parent's mean/std."""
     ft = g.cfg.finetune
-    base = dict(task_type=res.task_type, metric=res.metric, encoder_run_id=res.encoder_run_id,
-                task_mode=task_mode_of(g, prepared))
+    base: FinetuneTagKwargs = {"task_type": res.task_type, "metric": res.metric,
+                               "encoder_run_id": res.encoder_run_id, "task_mode": task_mode_of(g, prepared)}
     params = _params(g.cfg, g, enc, prepared)
     extra = {TAG_ENCODER: g.encoder_spec or "", TAG_ENCODER_SHA: res.encoder_sha256}
     n_not_logged = len(tracker.not_logged)
@@ -183,7 +183,7 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
         if members and not res.failed:  # an ensemble that lost a seed is not the method's model
             res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
             if res.model_uri and ft.register_models:
-                res.registered = _register(tracker, g, res)
+                res.registered = _register(tracker, g, res, res.model_uri)
     if tracker.enabled:
         res.experiment, res.tracking_uri = tracker.experiment, tracker.uri
     res.not_logged = list(tracker.not_logged[n_not_logged:])
@@ -218,7 +218,7 @@ def _log_saved_model(tracker: Tracker, g: _Group, res: FinetuneResult, prepared:
     return uri[0] if uri else None
 
 
-def _register(tracker: Tracker, g: _Group, res: FinetuneResult) -> str | None:
+def _register(tracker: Tracker, g: _Group, res: FinetuneResult, model_uri: str) -> str | None:
     from lardo_ray.models.mlflow_model import register
 
     tags = {"lardo.dataset": g.dataset_key, "lardo.method": g.method, "lardo.split": g.cfg.finetune.split,
@@ -226,7 +226,7 @@ def _register(tracker: Tracker, g: _Group, res: FinetuneResult) -> str | None:
     for k, ms in res.summary().items():
         tags[f"{k}_mean"], tags[f"{k}_std"] = f"{ms.mean:.6g}", f"{ms.std:.6g}"
     out: list[str] = []
-    tracker._safe("model registry", lambda: out.append(register(res.model_uri, registered_name(g.dataset_key, g.method),
+    tracker._safe("model registry", lambda: out.append(register(model_uri, registered_name(g.dataset_key, g.method),
                                                                 tags, tracker.uri)))
     return out[0] if out else None
 

@@ -13,6 +13,8 @@ from lardo_ray.finetune.metrics import METRIC_LABELS, MeanStd, mean_std
 from lardo_ray.finetune.splits import describe_split
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from lardo_ray.finetune.datasets import LabelledSet
     from lardo_ray.finetune.train import SeedResult
 
@@ -110,7 +112,7 @@ class FinetuneResult:
         return self.summary()[f"test_{self.metric}"].std
 
     @property
-    def table(self):
+    def table(self) -> pd.DataFrame:
         """pandas DataFrame: one row per seed, then a 'mean' and a 'std' row."""
         import pandas as pd
 
@@ -208,7 +210,7 @@ class GridResult:
         raise KeyError((dataset, method))
 
     @property
-    def table(self):
+    def table(self) -> pd.DataFrame:
         """pandas DataFrame: dataset, method, metric, mean, std, n, parent_run_id."""
         import pandas as pd
 

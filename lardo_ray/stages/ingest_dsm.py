@@ -8,7 +8,7 @@ log), and this module adds the one step only dsm has: dropping duplicates across
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from lardo_ray.chem.standardise import DUPLICATE, Standardiser
 from lardo_ray.config import IngestConfig, PipelineConfig
 from lardo_ray.io import StageOutput
 from lardo_ray.stages.lifecycle import SlicedCore, StageSummary, rejected_table, run_stage
+
+if TYPE_CHECKING:
+    from lardo_ray.tracking import Tracker
 
 log = logging.getLogger("lardo_ray")
 STAGE = "dsm"
@@ -39,11 +42,17 @@ class IngestDsm:
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         raw = table.column(schema.INPUT_SMILES).to_pylist()
         values = np.full((len(raw), len(self.calculator.names)), np.nan, dtype=np.float64)
-        ok_idx, canon, ids, errors = [], [], [], []
-        rej_idx, reasons, details = [], [], []
+        ok_idx: list[int] = []
+        canon: list[str | None] = []
+        ids: list[str | None] = []
+        errors: list[str | None] = []
+        rej_idx: list[int] = []
+        reasons: list[str] = []
+        details: list[str | None] = []
         for i, smi in enumerate(raw):
             s = self.standardiser(smi)
             if s.reason is None:
+                assert s.mol is not None  # no reject reason: the standardiser returned a molecule
                 # Describe each molecule right after parsing it: RDKit's per-molecule caches stay hot,
                 # which measured ~25% faster than parsing a whole batch first.
                 errors.append(self.calculator.compute_into(s.mol, values[len(ok_idx)]))
@@ -136,11 +145,11 @@ def after_chunks(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str]) ->
         drop_duplicates(out, chunk_ids)
 
 
-def manifest_extra(cfg: PipelineConfig, context: dict, summary: StageSummary) -> dict[str, Any]:
+def manifest_extra(cfg: PipelineConfig, context: dict[str, Any], summary: StageSummary) -> dict[str, Any]:
     return {"descriptors": DescriptorCalculator(cfg.dsm.descriptors).names}
 
 
-def run_dsm(cfg: PipelineConfig, tracker=None) -> StageSummary:
+def run_dsm(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
     """The whole stage (lardo_ray.stages.lifecycle.run_stage). Raises ConfigError/InputError before any work
     when the setup is wrong."""
     return run_stage("dsm", cfg, tracker)

@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lardo_ray.config import PipelineConfig, dump_config
+
+if TYPE_CHECKING:
+    from lardo_ray.stages.compare import CompareResult
+    from lardo_ray.stages.finetune_results import GridResult
+    from lardo_ray.stages.lifecycle import StageSummary
 
 log = logging.getLogger("lardo_ray")
 
@@ -99,15 +104,18 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     return result
 
 
-def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult):
+def _run_stage(stage: str, cfg: PipelineConfig, result: PipelineResult) -> Any:
+    """A chunked stage's StageSummary, else whatever the stage's run hook returns (a result with .lines())."""
     from lardo_ray.stages.lifecycle import run_stage
     from lardo_ray.stages.registry import get, load_ref
 
     st = get(stage)
-    return run_stage(st, cfg) if st.chunked else load_ref(st.run)(cfg, result)
+    if st.run is None:  # what Stage.chunked means
+        return run_stage(st, cfg)
+    return load_ref(st.run)(cfg, result)
 
 
-def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult):
+def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> GridResult:
     """The pipeline's fine-tune: its own encoder (or finetune.encoder) against scratch and the baselines."""
     from lardo_ray import fs
     from lardo_ray.finetune.model import EncoderResolveError
@@ -127,13 +135,13 @@ def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult):
     return run_finetune_grid(cfg, methods)
 
 
-def compare_in_pipeline(cfg: PipelineConfig, result: PipelineResult):
+def compare_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> CompareResult:
     from lardo_ray.stages.compare import compare, resolved_compare_config
 
     return compare(resolved_compare_config(cfg))
 
 
-def predict_with_registered(cfg: PipelineConfig, result: PipelineResult):
+def predict_with_registered(cfg: PipelineConfig, result: PipelineResult) -> StageSummary | None:
     """Score ``pipeline.predict_input`` with the pre-trained method's registered seed ensemble."""
     from lardo_ray.llm.settings import text_writer_label
     from lardo_ray.stages.lifecycle import run_stage
@@ -157,14 +165,17 @@ def predict_with_registered(cfg: PipelineConfig, result: PipelineResult):
     return run_stage("predict", pcfg)
 
 
-def _prediction_lines(summary) -> list[str]:
+def _prediction_lines(summary: StageSummary) -> list[str]:
     import pyarrow.parquet as pq
 
     from lardo_ray.io import StageOutput
 
     out = StageOutput(summary.output)
-    rows = []
-    for c in out.read_manifest().get("chunks", []):
+    manifest = out.read_manifest()
+    if manifest is None:  # run_stage has just written it: gone means the output was removed meanwhile
+        raise RuntimeError(f"predict: no manifest.json in {out.uri} after the stage finished")
+    rows: list[dict[str, Any]] = []
+    for c in manifest.get("chunks", []):
         rows += pq.read_table(out.data_path(c), filesystem=out.fs).to_pylist()
     lines = [f"== predictions ({summary.extra.get('model', '')}) =="]
     for r in rows:

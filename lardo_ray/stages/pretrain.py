@@ -22,10 +22,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lardo_ray.config import ConfigError, PipelineConfig, dump_config
 from lardo_ray.io import StageOutput, check_writable, filesystem_and_path
+
+if TYPE_CHECKING:
+    from lardo_ray.stages.pipeline import PipelineResult
+    from lardo_ray.tracking import Tracker
 
 log = logging.getLogger("lardo_ray")
 
@@ -144,7 +148,7 @@ def _local_copy(directory: str) -> tuple[str, str | None]:
     return tmp, tmp
 
 
-def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
+def run_pretrain(cfg: PipelineConfig, tracker: Tracker | None = None) -> PretrainResult:
     """Pre-train (or resume, or find finished) the encoder on the featurize output; see the module docstring.
 
     Raises ConfigError before any work when featurize is incomplete, MLflow unreachable, the output not
@@ -243,7 +247,7 @@ def run_pretrain(cfg: PipelineConfig, tracker=None) -> PretrainResult:
     return result
 
 
-def _log_encoder_model(cfg: PipelineConfig, tracker, export_dir: str, result: PretrainResult) -> str | None:
+def _log_encoder_model(cfg: PipelineConfig, tracker: Tracker, export_dir: str, result: PretrainResult) -> str | None:
     """The encoder as an MLflow model (pyfunc: SMILES in, embeddings out), registered as <run name>-encoder."""
     import re
 
@@ -267,5 +271,5 @@ def _log_encoder_model(cfg: PipelineConfig, tracker, export_dir: str, result: Pr
     return out[-1] if out else None
 
 
-def run_in_pipeline(cfg: PipelineConfig, result) -> PretrainResult:
+def run_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> PretrainResult:
     return run_pretrain(cfg)
