@@ -82,7 +82,6 @@ class OpenAIBackendConfig(Section):
     )
     timeout_s: float = Field(default=60.0, gt=0, description="per-request timeout")
     max_retries: int = Field(default=5, ge=0, description="retries of a failed request (429/5xx/timeouts)")
-    backoff_s: float = Field(default=2.0, ge=0, description="initial retry back-off, doubled per retry")
 
 
 class VLLMBackendConfig(Section):

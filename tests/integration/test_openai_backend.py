@@ -220,7 +220,7 @@ def describe_cfg(base_url: str, model: str, **openai) -> DescribeConfig:
     return DescribeConfig(
         backend="openai", model=model, task="bbbp", postcheck="correct",
         sampling={"temperature": 0.0, "max_tokens_stage2": MAX_TOKENS},
-        openai={"base_url": base_url, "concurrency": 4, "timeout_s": 30, "max_retries": 2, "backoff_s": 0.05,
+        openai={"base_url": base_url, "concurrency": 4, "timeout_s": 30, "max_retries": 2,
                 **openai},
     )
 
@@ -309,7 +309,7 @@ def test_errors_retried_then_kept(server, template):
 
     # unknown model: the server answers 4xx; not retried, row-level error with the server's message
     with FaultServer(server["base_url"]) as proxy:
-        bad = OpenAIBackend("no-such-model", base_url=proxy.base_url, max_retries=3, backoff_s=0.05)
+        bad = OpenAIBackend("no-such-model", base_url=proxy.base_url, max_retries=3)
         try:
             g = bad.generate([[{"role": "user", "content": "Molecule (SMILES): CCO"}]],
                              SamplingParams(max_tokens=4))[0]
@@ -420,7 +420,7 @@ def test_rerun_of_the_stage_retries_only_the_failed_rows(ray_local, tmp_path):
             f"input.path={src}", "input.chunk_rows=20", f"run.output_dir={tmp_path / 'out'}", "run.progress=false",
             "tracking.enabled=false", "dsm.descriptors=[MolLogP,MolWt,TPSA]", "describe.task=bbbp",
             "describe.backend=openai", "describe.model=canned", f"describe.openai.base_url={proxy.base_url}",
-            "describe.openai.max_retries=1", "describe.openai.backoff_s=0.01", "describe.ray.concurrency=1",
+            "describe.openai.max_retries=1", "describe.ray.concurrency=1",
         ])
         run_dsm(cfg)
         dsm = pq.read_table(tmp_path / "out" / "dsm" / "data", columns=["smiles"])

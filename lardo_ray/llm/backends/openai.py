@@ -1,14 +1,14 @@
 """OpenAI-compatible chat-completions backend: any ``/v1/chat/completions`` endpoint.
 
 Works with hosted APIs (OpenAI and compatible providers) and local servers (``vllm serve``, ``transformers
-serve``, llama.cpp, ...). Plain ``httpx`` (no OpenAI SDK needed, no SDK-side retries): requests run on a
-thread pool, up to ``concurrency`` in flight; a client-side rate limiter spaces request starts (retries
-included) to ``requests_per_second``; each request has a ``timeout_s`` timeout.
-
-Retries (up to ``max_retries``, back-off ``backoff_s`` doubled each time, ``Retry-After`` honoured) on
-timeouts, connection errors, HTTP 429 and 5xx. Other 4xx answers (bad request, unknown model, auth) are not
-retried. A request that still fails gives a failed ``Generation`` whose ``error`` says why; the row is kept.
-Token counts come from the response's ``usage`` (0 when the server sends none).
+serve``, llama.cpp, ...). Requests go through the ``openai`` SDK, which owns the protocol and the retry policy:
+up to ``max_retries`` retries on timeouts, connection errors, HTTP 408/409/429 and 5xx, exponential back-off
+from 0.5 s (doubling, capped at 8 s, with jitter), a server's ``Retry-After`` honoured up to 2 min. Other 4xx
+answers (bad request, unknown model, auth) are not retried. What this module adds: a thread pool (up to
+``concurrency`` requests in flight), a client-side rate limiter that spaces every attempt's start (an httpx
+request hook, so retries are spaced too) to ``requests_per_second``, and per-row results: a request that
+still fails gives a failed ``Generation`` whose ``error`` says why and after how many attempts; the row is
+kept. Token counts come from the response's ``usage`` (0 when the server sends none).
 
 ``check()`` (run when the backend is built from the config) asks ``GET {base_url}/models`` first, so a wrong
 ``describe.openai.base_url`` or a missing key fails the stage at once, saying which setting to fix.
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-import httpx
+import httpx2  # the SDK's HTTP client (openai>=3)
+import openai
 
 from lardo_ray.llm.backends.base import Generation, LLMBackend, Messages
 from lardo_ray.llm.settings import DescribeConfig, SamplingParams
@@ -33,8 +34,8 @@ from lardo_ray.llm.settings import DescribeConfig, SamplingParams
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
-MAX_BACKOFF_S = 60.0
+# The SDK insists on a key; local servers take any. Sent only when no key is configured.
+NO_KEY = "EMPTY"
 
 
 class EndpointError(RuntimeError):
@@ -42,7 +43,10 @@ class EndpointError(RuntimeError):
 
 
 class RateLimiter:
-    """Spaces request starts by ``1 / rate`` seconds (thread-safe); ``rate=None`` = no limit."""
+    """Spaces request starts by ``1 / rate`` seconds (thread-safe); ``rate=None`` = no limit.
+
+    Neither the SDK nor httpx limits a request rate, only connections; a provider's per-minute quota is
+    a rate."""
 
     def __init__(self, rate: float | None):
         self.interval = 1.0 / rate if rate else 0.0
@@ -60,19 +64,14 @@ class RateLimiter:
             time.sleep(start - now)
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own back-off
-
-
 def _short(text: str, n: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[:n] + "..."
+
+
+def _retryable(status: int) -> bool:
+    """What the SDK retries (its ``_should_retry``): the error then says how many attempts it took."""
+    return status in (408, 409, 429) or status >= 500
 
 
 class OpenAIBackend(LLMBackend):
@@ -87,36 +86,39 @@ class OpenAIBackend(LLMBackend):
         requests_per_second: float | None = None,
         timeout_s: float = 60.0,
         max_retries: int = 5,
-        backoff_s: float = 2.0,
         api_key_env: str = "OPENAI_API_KEY",
-        extra_body: dict | None = None,
+        extra_body: dict[str, Any] | None = None,
     ):
         super().__init__(model)
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key_env = api_key_env
+        self.has_key = bool(api_key)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.extra_body = dict(extra_body or {})
         self.limiter = RateLimiter(requests_per_second)
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        self._attempts = threading.local()  # per request: every attempt passes the request hook
+
+        def on_request(request: Any) -> None:
+            self.limiter.wait()
+            self._attempts.n = getattr(self._attempts, "n", 0) + 1
+
+        http = openai.DefaultHttpxClient(  # the SDK's client defaults, our pool size and hook
+            limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            event_hooks={"request": [on_request]},
         )
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key or NO_KEY, timeout=timeout_s,
+                                     max_retries=max_retries, http_client=http)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai-backend")
 
     @classmethod
-    def from_config(cls, cfg: DescribeConfig, check: bool = True) -> "OpenAIBackend":
+    def from_config(cls, cfg: DescribeConfig, check: bool = True) -> OpenAIBackend:
         o = cfg.openai
         backend = cls(
             cfg.model_name, base_url=o.base_url, api_key=os.environ.get(o.api_key_env) or None,
             concurrency=o.concurrency, requests_per_second=o.requests_per_second, timeout_s=o.timeout_s,
-            max_retries=o.max_retries, backoff_s=o.backoff_s, api_key_env=o.api_key_env,
+            max_retries=o.max_retries, api_key_env=o.api_key_env,
         )
         if check:
             try:
@@ -135,114 +137,71 @@ class OpenAIBackend(LLMBackend):
         """
         url = f"{self.base_url}/models"
         where = f"describe.openai.base_url = {self.base_url!r}"
-        last = ""
-        for i in range(attempts):
-            try:
-                resp = self._client.get(url, timeout=min(self.timeout_s, 10.0))
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-                time.sleep(min(0.5 * 2**i, 2.0))
-                continue
-            if resp.status_code in (401, 403):
-                has_key = "set" if "Authorization" in self._client.headers else "not set"
-                raise EndpointError(
-                    f"{where}: GET {url} answered HTTP {resp.status_code} (key rejected or missing; the env var "
-                    f"named by describe.openai.api_key_env, {self.api_key_env}, is {has_key}): {_short(resp.text)}"
-                )
-            if resp.status_code >= 500 or resp.status_code == 429:
-                last = f"HTTP {resp.status_code}: {_short(resp.text)}"
-                time.sleep(min(0.5 * 2**i, 2.0))
-                continue
-            if resp.status_code != 200:
-                raise EndpointError(
-                    f"{where}: GET {url} answered HTTP {resp.status_code}; is this an OpenAI-compatible base URL "
-                    f"(it usually ends in /v1)? {_short(resp.text)}"
-                )
-            try:
-                ids = [m.get("id") for m in resp.json().get("data", []) if isinstance(m, dict)]
-            except Exception as e:  # noqa: BLE001
-                raise EndpointError(f"{where}: GET {url} did not return a model list: {e}") from e
-            if ids and self.model not in ids:
-                log.warning("describe.model %r is not among the models listed by %s: %s", self.model, url,
-                            ids[:20])
-            return [i for i in ids if i]
-        raise EndpointError(
-            f"{where}: the endpoint does not answer GET {url} ({last}). Start the server, or fix "
-            f"describe.openai.base_url."
-        )
+        client = self._client.with_options(max_retries=attempts - 1, timeout=min(self.timeout_s, 10.0))
+        try:
+            ids = [m.id for m in client.models.list()]
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            has_key = "set" if self.has_key else "not set"
+            raise EndpointError(
+                f"{where}: GET {url} answered HTTP {e.status_code} (key rejected or missing; the env var named "
+                f"by describe.openai.api_key_env, {self.api_key_env}, is {has_key}): {_short(e.response.text)}"
+            ) from e
+        except openai.APIStatusError as e:
+            if _retryable(e.status_code):
+                raise EndpointError(f"{where}: GET {url} kept answering HTTP {e.status_code} after {attempts} "
+                                    f"attempts: {_short(e.response.text)}") from e
+            raise EndpointError(
+                f"{where}: GET {url} answered HTTP {e.status_code}; is this an OpenAI-compatible base URL "
+                f"(it usually ends in /v1)? {_short(e.response.text)}"
+            ) from e
+        except openai.APIConnectionError as e:  # timeouts included
+            raise EndpointError(
+                f"{where}: the endpoint does not answer GET {url} ({type(e).__name__}: {e}). Start the server, "
+                f"or fix describe.openai.base_url."
+            ) from e
+        except Exception as e:  # noqa: BLE001 - a 200 that is not a model list
+            raise EndpointError(f"{where}: GET {url} did not return a model list: {type(e).__name__}: {e}") from e
+        if ids and self.model not in ids:
+            log.warning("describe.model %r is not among the models listed by %s: %s", self.model, url, ids[:20])
+        return [i for i in ids if i]
 
     # ------------------------------------------------------------------------------------------ requests
-    def _body(self, messages: Messages, sampling: SamplingParams) -> dict:
-        body = {
-            "model": self.model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "stream": False,
-        }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        body.update(self.extra_body)
-        return body
-
-    def _backoff(self, attempt: int, hint: float | None) -> float:
-        delay = self.backoff_s * (2**attempt)
-        if hint is not None:
-            delay = max(delay, hint)
-        delay = min(delay, MAX_BACKOFF_S)
-        return delay * (1.0 + 0.1 * random.random())  # a little jitter: retries of a burst do not align
-
     def _one(self, messages: Messages, sampling: SamplingParams) -> Generation:
         t0 = time.perf_counter()
+        self._attempts.n = 0
         try:
-            body = self._body(messages, sampling)
+            chat = [{"role": m["role"], "content": m["content"]} for m in messages]
         except Exception as e:  # noqa: BLE001
             return Generation.failed(f"bad prompt: {type(e).__name__}: {e}")
-        url = f"{self.base_url}/chat/completions"
-        last = ""
-        attempts = 0
-        for attempt in range(self.max_retries + 1):
-            attempts = attempt + 1
-            self.limiter.wait()
-            hint = None
-            try:
-                resp = self._client.post(url, json=body)
-            except httpx.TimeoutException as e:
-                last = f"timeout after {self.timeout_s:g} s ({type(e).__name__})"
-            except httpx.TransportError as e:
-                last = f"connection error: {type(e).__name__}: {_short(str(e), 200)}"
-            except Exception as e:  # noqa: BLE001 - anything else is not worth a retry
-                return Generation.failed(f"request failed: {type(e).__name__}: {_short(str(e), 200)}",
-                                         time.perf_counter() - t0)
-            else:
-                status = resp.status_code
-                if status == 200:
-                    return self._parse(resp, time.perf_counter() - t0)
-                last = f"HTTP {status}: {_short(resp.text)}"
-                if status not in RETRY_STATUS and status < 500:
-                    return Generation.failed(last, time.perf_counter() - t0)  # 4xx: retrying will not help
-                hint = _retry_after(resp)
-            if attempt < self.max_retries:
-                time.sleep(self._backoff(attempt, hint))
-        return Generation.failed(f"failed after {attempts} attempts: {last}", time.perf_counter() - t0)
-
-    @staticmethod
-    def _parse(resp: httpx.Response, latency: float) -> Generation:
         try:
-            data = resp.json()
-            usage = data.get("usage") or {}
-            ptok = int(usage.get("prompt_tokens") or 0)
-            ctok = int(usage.get("completion_tokens") or 0)
-            choices = data.get("choices") or []
-            if not choices:
-                return Generation(None, ptok, ctok, latency, error=f"no choices in the answer: {_short(resp.text)}")
-            text = ((choices[0].get("message") or {}).get("content") or "").strip()
-        except Exception as e:  # noqa: BLE001
-            return Generation.failed(f"unparsable answer: {type(e).__name__}: {_short(resp.text, 200)}", latency)
+            resp = self._client.chat.completions.create(
+                model=self.model, messages=chat,  # type: ignore[arg-type]  # plain role/content dicts
+                max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                seed=sampling.seed if sampling.seed is not None else openai.NOT_GIVEN,
+                extra_body=self.extra_body or None,
+            )
+        except openai.APITimeoutError as e:
+            return self._failed(f"timeout after {self.timeout_s:g} s ({type(e).__name__})", True, t0)
+        except openai.APIConnectionError as e:
+            return self._failed(f"connection error: {type(e).__name__}: {_short(str(e), 200)}", True, t0)
+        except openai.APIStatusError as e:
+            return self._failed(f"HTTP {e.status_code}: {_short(e.response.text)}", _retryable(e.status_code), t0)
+        except Exception as e:  # noqa: BLE001 - an answer the SDK could not read, or a bug: the row keeps it
+            return self._failed(f"request failed: {type(e).__name__}: {_short(str(e), 200)}", False, t0)
+        latency = time.perf_counter() - t0
+        usage = resp.usage
+        ptok = int(usage.prompt_tokens or 0) if usage else 0
+        ctok = int(usage.completion_tokens or 0) if usage else 0
+        if not resp.choices:
+            return Generation(None, ptok, ctok, latency, error="no choices in the answer")
+        text = (resp.choices[0].message.content or "").strip()
         if not text:
             return Generation(None, ptok, ctok, latency, error="empty completion")
         return Generation(text, ptok, ctok, latency)
+
+    def _failed(self, why: str, retried: bool, t0: float) -> Generation:
+        n = getattr(self._attempts, "n", 1)
+        return Generation.failed(f"failed after {n} attempts: {why}" if retried else why, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------ interface
     def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Generation]:
