@@ -325,7 +325,7 @@ def bench_ray(table, model: str, args, results: dict) -> None:
     t0 = time.perf_counter()
     import ray
 
-    from lardo_ray.llm.vllm_data import describe_dataset_vllm
+    from lardo_ray.stages.vllm.processor import describe_dataset_vllm
 
     cfg = describe_cfg(model, "vllm", args)
     cores = os.cpu_count() or 1

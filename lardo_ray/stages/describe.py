@@ -3,7 +3,7 @@
 Stage 1 runs in one Ray task with the stage's resources (so an LLM that needs a GPU gets one), is cached
 by (card, model, prompt set) under ``<out>/describe/templates`` and logged to MLflow. Stage 2 reads the
 DSM shards one to one: the rules, hf and openai backends run in an actor pool (one backend per actor);
-the vllm backend runs on Ray Data LLM actor pools in waves of shards (lardo_ray.llm.vllm_data), each
+the vllm backend runs on Ray Data LLM actor pools in waves of shards (lardo_ray.stages.vllm), each
 wave written and marked as a whole. Failed generations stay in the output with their error; a re-run
 retries only those rows and skips everything else.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +22,10 @@ from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
 from lardo_ray.io import StageOutput
 from lardo_ray.stages.lifecycle import ChunkWorker, Plan, StageSummary, run_stage
+
+if TYPE_CHECKING:
+    from lardo_ray.llm.stage1 import Template
+    from lardo_ray.tracking import Tracker
 
 log = logging.getLogger("lardo_ray")
 STAGE = "describe"
@@ -52,7 +56,7 @@ def _template_task(describe_cfg: dict[str, Any]) -> str:
             backend.close()
 
 
-def describe_stage1(cfg: PipelineConfig):
+def describe_stage1(cfg: PipelineConfig) -> Template:
     """The run's template (stage 1), computed once per task and cached."""
     import ray
 
@@ -85,7 +89,7 @@ class DescribeCore:
         self.cfg = cfg.describe
         self.template = Template.model_validate_json(template_json)
         self.rules_only = DescribeStage2(self.cfg, self.template, backend=RulesBackend())
-        self.with_llm = None
+        self.with_llm: DescribeStage2 | None = None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows <= SLICE_ROWS:
@@ -202,10 +206,11 @@ def check(cfg: PipelineConfig) -> None:
     if cfg.describe.backend == "openai":
         from lardo_ray.llm.backends.base import create_backend
 
-        create_backend(cfg.describe).check()  # an unreachable endpoint fails here, before any work
+        # building it asks the endpoint (OpenAIBackend.check): an unreachable one fails here, before any work
+        create_backend(cfg.describe).close()
 
 
-def prepare(cfg: PipelineConfig, out: StageOutput, tracker) -> dict[str, Any]:
+def prepare(cfg: PipelineConfig, out: StageOutput, tracker: Tracker) -> dict[str, Any]:
     """Stage 1, once per task: the template every worker gets, saved beside the output and in MLflow."""
     from lardo_ray.execution import init_ray
 
@@ -233,8 +238,9 @@ def execute(cfg: PipelineConfig, plan: Plan, out: StageOutput, units: list[dict[
     if cfg.describe.backend != "vllm":
         return False
     from lardo_ray.llm.stage1 import Template
-    from lardo_ray.stages.describe_vllm import run_vllm_waves
+    from lardo_ray.stages.vllm import run_vllm_waves
 
+    assert plan.upstream is not None  # describe is registered with upstream "dsm"
     run_vllm_waves(cfg, plan.upstream, out, units, Template.model_validate_json(context["template_json"]),
                    config_hash)
     return True
@@ -259,5 +265,5 @@ def manifest_extra(cfg: PipelineConfig, context: dict[str, Any], summary: StageS
             "quality": dict(summary.extra)}
 
 
-def run_describe(cfg: PipelineConfig, tracker=None) -> StageSummary:
+def run_describe(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
     return run_stage("describe", cfg, tracker)

@@ -83,7 +83,7 @@ def template():
 
 @pytest.fixture(scope="module")
 def pipeline_rows(ray_local, cfg, template, monkeypatch_module):
-    from lardo_ray.llm.vllm_data import describe_dataset_vllm
+    from lardo_ray.stages.vllm.processor import describe_dataset_vllm
 
     monkeypatch_module.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # handed to the engine actor via runtime_env
     table = zinc_rows()
@@ -163,7 +163,7 @@ def test_same_text_as_in_process_vllm(pipeline_rows, cfg, template):
 def test_engine_error_fails_only_its_row(ray_local, cfg, template, monkeypatch):
     """A request the engine rejects (here: token ids outside the vocabulary) becomes an error on that row;
     the rest of its batch is described, and the mixed rows (engine, failed, settled) all reach ``finish``."""
-    from lardo_ray.llm import vllm_data as V
+    from lardo_ray.stages.vllm import processor as V
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     table = zinc_rows().slice(0, 12)
@@ -225,7 +225,7 @@ def test_cli_describe_with_the_shipped_model_and_default_sampling(tmp_path):
 
 def test_cpu_engine_settings_from_the_config():
     from lardo_ray.llm.backends.vllm import cpu_env, engine_kwargs, vllm_sampling_dict
-    from lardo_ray.llm.vllm_data import runtime_env
+    from lardo_ray.stages.vllm.processor import runtime_env
 
     cfg = DescribeConfig(backend="vllm", model="m", vllm={"gpu": False, "cpu_kvcache_gb": 3})
     assert engine_kwargs(cfg)["seed"] == 0 and "seed" not in vllm_sampling_dict(cfg.sampling.for_stage(2), False)

@@ -1,7 +1,7 @@
 """In-process vLLM backend (``vllm.LLM``): one engine in this process, batched offline generation.
 
 Used where one process owns the engine: the benchmark, stage 1 on a driver that has vLLM, small runs. The
-cluster path of the ``vllm`` backend is ``lardo_ray.llm.vllm_data.describe_dataset_vllm`` (Ray Data LLM actor
+cluster path of the ``vllm`` backend is ``lardo_ray.stages.vllm.processor.describe_dataset_vllm`` (Ray Data LLM actor
 pools); both build prompts the same way (``PromptRenderer``: the model's chat template, or ``render_plain``
 for tokenizers without one, tokenised without extra special tokens, as the hf backend does), so the same
 prompts give the same token ids on either path.

@@ -34,7 +34,7 @@ import os
 import pickle
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -44,6 +44,9 @@ from lardo_ray.llm.describe import DescribeStage2, Prepared
 from lardo_ray.llm.settings import DescribeConfig, SamplingParams
 from lardo_ray.llm.stage1 import Template
 from lardo_ray.schema import CANONICAL_SMILES
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +115,14 @@ class _Prepare:
         gens: dict[int, Generation] = {}
         prompts: list[list[int]] = [[] for _ in range(n)]
         to_engine = [False] * n
-        rule_rows = []
+        rule_rows: list[int] = []
+        rule_records: list[DescribeRecord] = []
         for i, rec in enumerate(prepared.records):
             if rec is None:
                 continue
             if not prepared.use_llm[i]:
                 rule_rows.append(i)
+                rule_records.append(rec)
                 continue
             try:
                 ids = self.renderer.encode(rec.messages)
@@ -131,7 +136,7 @@ class _Prepare:
                 continue
             prompts[i], to_engine[i] = ids, True
         if rule_rows:
-            out = stage._safe_describe(stage.rules, [prepared.records[i] for i in rule_rows])
+            out = stage._safe_describe(stage.rules, rule_records)
             gens.update(zip(rule_rows, out))
 
         names = _carried_names(batch, self.cfg, self.carry)
@@ -168,7 +173,7 @@ class _Finish:
         self.stage = DescribeStage2(cfg, template, RayDataVLLMEngine(cfg.model_name))
 
     @staticmethod
-    def _col(batch: pa.Table, name: str) -> list:
+    def _col(batch: pa.Table, name: str) -> list[Any]:
         return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -218,7 +223,7 @@ class _Finish:
         return out
 
 
-def _input_table(payloads: list[dict]) -> pa.Table:
+def _input_table(payloads: list[dict[str, Any]]) -> pa.Table:
     """The carried input columns of a batch, rebuilt from the payloads with their original Arrow types."""
     schema = next((p["schema"] for p in payloads if p["schema"] is not None), None)
     names: list[str] = []
@@ -288,7 +293,7 @@ def _ray_serve_importable() -> bool:
     return True
 
 
-def processor_config(cfg: DescribeConfig, env: dict[str, str] | None = None):
+def processor_config(cfg: DescribeConfig, env: dict[str, str] | None = None) -> Any:
     """The ``vLLMEngineProcessorConfig`` of the describe config (engine stage only; see module doc)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
@@ -327,7 +332,7 @@ class _Preprocess:
         return {"sampling_params": dict(self.sampling), INFERENCE_ERROR: "" if row[TO_ENGINE] else SKIP}
 
 
-def engine_processor(cfg: DescribeConfig, env: dict[str, str] | None = None, num_cpus: float = 0.25):
+def engine_processor(cfg: DescribeConfig, env: dict[str, str] | None = None, num_cpus: float = 0.25) -> Any:
     """Step 2: the ``ray.data.llm`` processor (vLLM engine stage) over the prepare step's rows."""
     from ray.data.llm import build_processor
 
@@ -352,7 +357,7 @@ def bound_engine_restarts(processor: Any, max_restarts: int) -> None:
 
 
 def describe_dataset_vllm(
-    ds,
+    ds: ray.data.Dataset,
     cfg: DescribeConfig,
     template: Template | None,
     carry: Sequence[str] = (),
@@ -361,7 +366,7 @@ def describe_dataset_vllm(
     env: dict[str, str] | None = None,
     batch_rows: int | None = None,
     timing: bool = False,
-):
+) -> ray.data.Dataset:
     """Stage 2 with the vllm backend on Ray Data LLM: DSM rows in, ``OUTPUT_SCHEMA`` rows (+ carried input
     columns, ``carry`` always) out, in no particular order. Lazy: nothing runs until the dataset is consumed.
 
@@ -390,10 +395,11 @@ def describe_dataset_vllm(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
     )
     generated = engine_processor(cfg, env, num_cpus)(prepared)
-    return generated.map_batches(
+    described: ray.data.Dataset = generated.map_batches(
         _Finish, fn_constructor_args=(*args, timing), batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
     )
+    return described
 
 
 __all__ = ["describe_dataset_vllm", "engine_processor", "processor_config", "runtime_env", "RayDataVLLMEngine",

@@ -3,7 +3,7 @@
 ``ray.data.llm`` starts its engines once per dataset execution and returns rows in any order, so the
 stage cannot be one actor call per shard like the other backends. Instead a *wave* of shards (up to
 ``describe.vllm.wave_chunks``) is one Ray Data job: read the shards (tagging each row with its chunk),
-run lardo_ray.llm.vllm_data.describe_dataset_vllm, write the wave's rows to a scratch directory, then
+run lardo_ray.stages.vllm.processor.describe_dataset_vllm, write the wave's rows to a scratch directory, then
 regroup them into one shard per chunk (atomic, with markers, like every stage). A killed wave is simply
 redone: its scratch directory is cleared first and its chunks have no markers yet.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,11 @@ import pyarrow.parquet as pq
 from lardo_ray import schema
 from lardo_ray.config import PipelineConfig
 from lardo_ray.io import StageOutput
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from lardo_ray.llm.stage1 import Template
 
 log = logging.getLogger("lardo_ray")
 CHUNK = "__chunk_id"
@@ -88,7 +93,7 @@ class StalledWave(RuntimeError):
     """A wave wrote nothing for describe.vllm.stall_timeout_s: the engine stopped without dying."""
 
 
-def _write_watched(described, uri: str, out: StageOutput, wave_dir: str, stall_s: float, wave: int) -> None:
+def _write_watched(described: ray.data.Dataset, uri: str, out: StageOutput, wave_dir: str, stall_s: float, wave: int) -> None:
     """Write the wave's rows, failing when no new output file appears for ``stall_s`` seconds: an engine
     whose input thread died (seen with vLLM's CPU build) stops without an error and would be waited on
     forever. Ray Data writes a file per finished block, so files appearing is progress."""
@@ -125,10 +130,10 @@ def _write_watched(described, uri: str, out: StageOutput, wave_dir: str, stall_s
 
 
 def run_vllm_waves(cfg: PipelineConfig, up: StageOutput, out: StageOutput, units: list[dict[str, Any]],
-                   template, config_hash: str) -> None:
+                   template: Template | None, config_hash: str) -> None:
     import ray
 
-    from lardo_ray.llm.vllm_data import describe_dataset_vllm
+    from lardo_ray.stages.vllm.processor import describe_dataset_vllm
 
     size = cfg.describe.vllm.wave_chunks
     for w in range(0, len(units), size):
