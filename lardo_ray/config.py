@@ -20,7 +20,9 @@ from lardo_ray.finetune.settings import CompareConfig, FinetuneConfig
 from lardo_ray.llm.settings import DescribeConfig
 from lardo_ray.stages.predict import ApplyModelConfig
 from lardo_ray.stages.registry import STAGES, pipeline_order
-from lardo_ray.train.settings import EmbedConfig, FeaturizeConfig, ModelConfig, PretrainConfig
+from lardo_ray.stages.embed import EmbedConfig
+from lardo_ray.stages.featurize import FeaturizeConfig
+from lardo_ray.train.settings import ModelConfig, PretrainConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "RayResources", "Section", "load_config", "dump_config"]
 

