@@ -174,7 +174,8 @@ def forest_predict(model: Any, X: np.ndarray) -> np.ndarray:
 
 def baseline_seed(cfg, seed: int, *, prepared, split: Split, features: BaselineFeatures, threads: int = 1):
     """Train and score one seed of a baseline on ``split``: a ``SeedResult`` like ``finetune_seed``'s."""
-    from lardo_ray.finetune.train import SeedResult, split_hash
+    from lardo_ray.finetune.data import split_hash
+    from lardo_ray.finetune.train import SeedResult
 
     t0 = time.perf_counter()
     ft = cfg.finetune

@@ -264,7 +264,7 @@ class SavedModel:
         values in the original units for regression. std is 0 for a one-member model."""
         import torch
 
-        from lardo_ray.finetune.train import apply_descriptor_normaliser
+        from lardo_ray.finetune.data import apply_descriptor_normaliser
 
         if self.kind == "encoder":
             raise ModelMismatchError(f"model {self.card.name!r} is an encoder: it gives embeddings (`lardo-ray "

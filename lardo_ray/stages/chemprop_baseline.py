@@ -147,7 +147,7 @@ def run_chemprop_baseline(cfg: PipelineConfig, command: str, tracker: Tracker | 
                           epochs: int | None = None) -> ChempropResult:
     """chemprop on ``cfg.finetune``'s data set, split and seeds; a parent + per-seed MLflow runs."""
     from lardo_ray.finetune.metrics import parent_summary
-    from lardo_ray.finetune.train import prepare_task, split_for, split_hash
+    from lardo_ray.finetune.data import prepare_task, split_for, split_hash
     from lardo_ray.tracking import TAG_PREDICTIONS, finetune_tags
     from lardo_ray.tracking import TAG_SPLIT_HASH
     from lardo_ray.tracking import make_tracker

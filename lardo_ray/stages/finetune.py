@@ -5,7 +5,7 @@
 datasets)`` does the same for every (dataset, method) pair of an ablation grid, all seeds of all pairs in
 flight at once and the same splits for every method.
 
-On the driver, once per dataset: read + featurise (``lardo_ray.finetune.train.prepare_task``; graphs cached in
+On the driver, once per dataset: read + featurise (``lardo_ray.finetune.data.prepare_task``; graphs cached in
 ``<output_dir>/finetune/graph_cache``), the split of every seed, and once per encoder: download / read it
 (``lardo_ray.finetune.model.resolve_encoder``). Data and encoder go to the object store once; each seed is
 a ``ray.remote`` task with ``cfg.finetune.ray`` resources (torch threads = its CPUs) running
@@ -46,7 +46,8 @@ from lardo_ray.stages.finetune_results import FinetuneResult, GridResult, last_l
 if TYPE_CHECKING:
     from lardo_ray.finetune.model import EncoderSource
     from lardo_ray.finetune.splits import Split
-    from lardo_ray.finetune.train import PreparedTask, SeedResult
+    from lardo_ray.finetune.data import PreparedTask
+    from lardo_ray.finetune.train import SeedResult
     from lardo_ray.tracking import Tracker
 
 log = logging.getLogger("lardo_ray")
@@ -108,7 +109,7 @@ def _progress(cfg: PipelineConfig, text: str) -> None:
 def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | None,
                 use_ray: bool) -> list[FinetuneResult]:
     from lardo_ray.finetune.model import EncoderResolveError, resolve_encoder
-    from lardo_ray.finetune.train import prepare_task, split_for
+    from lardo_ray.finetune.data import prepare_task, split_for
     from lardo_ray.tracking import make_tracker
 
     t0 = time.perf_counter()
@@ -164,7 +165,7 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
     for g in groups:
         p = prepared[g.dataset_key]
         if g.cfg.finetune.dsm_features != "none" and p.descriptors is None:
-            from lardo_ray.finetune.train import dsm_descriptors
+            from lardo_ray.finetune.data import dsm_descriptors
 
             if (g.dataset_key, "rf_dsm") in features:
                 p.descriptors = features[(g.dataset_key, "rf_dsm")].X

@@ -23,7 +23,8 @@ from lardo_ray.tracking import (TAG_ENCODER, TAG_ENCODER_SHA, TAG_FAILED_SEEDS, 
 if TYPE_CHECKING:
     from lardo_ray.finetune.model import EncoderSource
     from lardo_ray.finetune.splits import Split
-    from lardo_ray.finetune.train import PreparedTask, SeedResult
+    from lardo_ray.finetune.data import PreparedTask
+    from lardo_ray.finetune.train import SeedResult
     from lardo_ray.tracking import FinetuneTagKwargs, Tracker
 
 log = logging.getLogger("lardo_ray")

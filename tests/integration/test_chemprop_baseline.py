@@ -52,7 +52,7 @@ def test_missing_chemprop_is_a_config_error_naming_the_key():
 def test_chemprop_on_our_split_logged_for_compare(tmp_path):
     import mlflow
 
-    from lardo_ray.finetune.train import prepare_task, split_for, split_hash
+    from lardo_ray.finetune.data import prepare_task, split_for, split_hash
     from lardo_ray.stages.chemprop_baseline import run_chemprop_baseline
     from lardo_ray.stages.compare import compare, resolved_compare_config
 

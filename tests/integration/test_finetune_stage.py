@@ -13,7 +13,7 @@ from lardo_ray.config import load_config
 from lardo_ray.finetune.settings import CompareConfig
 from lardo_ray.models.gine import GINEEncoder, save_encoder
 from lardo_ray.stages.compare import compare
-from lardo_ray.finetune.train import prepare_task
+from lardo_ray.finetune.data import prepare_task
 from lardo_ray.stages.finetune import run_finetune, run_finetune_grid
 from tests.conftest import SAMPLE
 

@@ -73,7 +73,7 @@ def test_registry_holds_the_ensemble_with_its_metrics_and_every_seed_has_its_mod
 def test_predict_cli_equals_the_model_in_process_and_the_finetune_itself(registered, tmp_path):
     import mlflow
 
-    from lardo_ray.finetune.train import prepare_task
+    from lardo_ray.finetune.data import prepare_task
     from lardo_ray.models.mlflow_model import download
     from lardo_ray.models.saved import SavedModel
 
@@ -274,7 +274,7 @@ def test_forest_baselines_are_registered_and_predict_like_their_seeds(tmp_path):
     import pandas as pd
 
     from lardo_ray.config import load_config
-    from lardo_ray.finetune.train import prepare_task
+    from lardo_ray.finetune.data import prepare_task
     from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -12,7 +12,7 @@ from lardo_ray.config import load_config
 from lardo_ray.finetune.baselines import BaselineFeatures, baseline_seed, featurize, impute
 from lardo_ray.finetune.datasets import LabelledSet
 from lardo_ray.finetune.splits import random_split
-from lardo_ray.finetune.train import PreparedTask, split_hash
+from lardo_ray.finetune.data import PreparedTask, split_hash
 from tests.conftest import SAMPLE
 
 

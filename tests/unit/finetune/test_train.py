@@ -18,15 +18,8 @@ from lardo_ray.finetune.model import (
     find_run_id,
     resolve_encoder,
 )
-from lardo_ray.finetune.train import (
-    constant_baseline,
-    finetune_seed,
-    make_batches,
-    masked_loss,
-    prepare_task,
-    split_for,
-    split_hash,
-)
+from lardo_ray.finetune.data import prepare_task, split_for, split_hash
+from lardo_ray.finetune.train import constant_baseline, finetune_seed, make_batches, masked_loss
 from lardo_ray.models.gine import ENCODER_WEIGHTS, GINEEncoder, save_encoder
 from tests.conftest import SHARED_DATA
 
@@ -297,7 +290,7 @@ def test_per_target_mode_is_one_model_per_target_on_its_labelled_rows(tmp_path):
 
 
 def test_descriptor_cdf_is_fitted_on_training_rows_only():
-    from lardo_ray.finetune.train import normalise_descriptors
+    from lardo_ray.finetune.data import normalise_descriptors
 
     rng = np.random.default_rng(0)
     X = rng.lognormal(size=(200, 3)).astype(np.float32)
