@@ -5,6 +5,9 @@ driver from file metadata (Parquet) or one streaming count (text), never by load
 output shard is written to a temporary name and renamed, then a marker records its counts: a marker is
 the only proof a chunk is done, so a killed job never takes a half-written shard as complete, and a
 re-run (or a retried Ray task) rewrites a chunk under the same name instead of duplicating it.
+
+One module (~480 lines) on purpose: the chunk plan and the shard/marker layout are one contract (a
+chunk id names its input range, its shard and its marker), read by every stage and every resume.
 """
 
 from __future__ import annotations

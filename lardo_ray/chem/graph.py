@@ -21,6 +21,9 @@ vectorised node-offset shift of ``edge_index`` (see :func:`graphs_to_pyg_batch`)
 The per-molecule Python work is one ``MolFromSmiles`` plus ``list(mol.GetAtoms())`` / ``GetBonds()``: the
 RDKit property getters run via ``map`` over all atoms (bonds) of the whole batch at once, and the raw RDKit
 values (enum ints, charges, counts) are turned into OGB vocabulary indices with numpy lookup tables.
+
+One module (~500 lines) on purpose: the vocabulary, the writer and the two readers (PyG batch, tensors) of
+this layout change together or not at all; split, a changed vocabulary would leave a reader behind.
 """
 
 from __future__ import annotations

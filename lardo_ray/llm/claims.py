@@ -24,6 +24,9 @@ Every claim found carries its type, the stated and the true value and a verdict:
 or None (undecidable: a class no substructure decides, a group we have no pattern for). Undecidable claims
 are counted as such, never as correct. The extractor is conservative (precision first): a phrasing it does
 not know is missed rather than misread.
+
+One module (~520 lines) on purpose: most of it is the claim tables (SMARTS per group and class, their
+synonyms and plurals) next to the patterns that read them; bench/postcheck.py measures them as one unit.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ The pieces, top to bottom:
 
 InfoNCE negatives come from the same micro-batch only (no cross-worker gathering): batch_size is the number
 of candidates each row is contrasted against.
+
+One module (~560 lines) on purpose, as nanoGPT's train.py: the Trainer reads in one sitting (step, schedule,
+evaluation, checkpoint and resume side by side), with the few helpers it calls above it.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ checkpoint needs the same number of workers (ZeRO shards are per rank).
 Fault injection (tests): ``LARDO_FAIL_AT_STEP=k`` [``LARDO_FAIL_RANK=r`` (default 0), ``LARDO_FAIL_MODE=raise|exit``,
 ``LARDO_FAIL_MARKER=path``] in the driver's environment makes rank r fail once right after optimizer step k.
 The marker file (created first, exclusively) keeps the restarted attempt or a re-run from failing again.
+
+One module (~520 lines) on purpose: the driver and the per-worker loop share their contract (dataset
+columns, checkpoint layout, the reporter's commit protocol, the fault-injection env vars the tests set) and
+are read together when a Ray Train upgrade changes either side.
 """
 
 from __future__ import annotations
