@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from lardo_ray.config import PipelineConfig
     from lardo_ray.finetune.model import EncoderSource
+    from lardo_ray.finetune.settings import FinetuneConfig
 
 log = logging.getLogger("lardo_ray")
 
@@ -353,6 +354,7 @@ def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, spl
     valid_pred = np.full((len(valid_idx), data.n_tasks), np.nan)
     test_pred = np.full((len(test_idx), data.n_tasks), np.nan)
     per_task: list[SeedResult] = []
+    members: list[Any] = []  # per target: its tested weights (finetune.save_models), None when untrained
     n_untrained = 0
     for t, name in enumerate(data.task_names):
         labels = data.labels[:, [t]]
@@ -360,6 +362,7 @@ def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, spl
         if len(train) == 0:  # nothing to learn from: the constant the scorer ignores (no labels, no score)
             n_untrained += 1
             valid_pred[:, t] = test_pred[:, t] = 0.5 if task_type == "classification" else 0.0
+            members.append(None)
             continue
         view = replace(prepared, data=replace(data, labels=labels, task_names=[name]))
         r = finetune_seed(one_cfg, seed, prepared=view, split=Split(train, valid_idx, test_idx), encoder=encoder,
@@ -368,6 +371,7 @@ def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, spl
         if r.valid_pred is not None:
             valid_pred[:, t] = r.valid_pred[:, 0]
         per_task.append(r)
+        members.append(r.member)
         if verbose:
             log.info("finetune %s seed %d target %s: valid %.4f test %.4f (%d training rows)", data.name, seed,
                      name, r.valid.value, r.test.value, len(train))
@@ -399,8 +403,21 @@ def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, spl
                 "n_targets_without_training_rows": float(n_untrained)},
         test_index=test_idx, test_pred=test_pred.astype(np.float32), valid_pred=valid_pred.astype(np.float32),
         task_mode="per_target", device=first.device if first else "cpu", threads=first.threads if first else 1,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
+        worker=f"{socket.gethostname()}:{os.getpid()}", member=_per_target_member(seed, members, data.n_tasks, ft),
     )
+
+
+def _per_target_member(seed: int, members: list[Any], n_targets: int, ft: FinetuneConfig) -> Any:
+    """The seed's per-target networks as one saved member; none past MAX_SAVED_TARGETS targets (ToxCast's
+    617 x 3 seeds would be gigabytes: its predictions are logged, the summary says it was not saved)."""
+    from lardo_ray.finetune.baselines import MAX_SAVED_TARGETS
+    from lardo_ray.models.saved import Member
+
+    trained = [m for m in members if m is not None]
+    if not ft.save_models or not trained or n_targets > MAX_SAVED_TARGETS:
+        return None
+    return Member(seed=int(seed), state=b"", encoder_config=trained[0].encoder_config,
+                  n_descriptors=trained[0].n_descriptors, per_target=members)
 
 
 def constant_baseline(prepared: PreparedTask, split: Split, metric: str | None = None) -> TaskMetrics:

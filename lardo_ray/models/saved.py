@@ -55,6 +55,9 @@ class Member:
     encoder_config: dict[str, Any] = field(default_factory=dict)  # GINEConfig of its encoder
     n_descriptors: int = 0
     forest: bytes | None = None  # kind "forest": pickled {"features", "median", "tasks": [forest | constant]}
+    # task_mode per_target: one single-output model per target (None: the target had no training rows, its
+    # prediction is the constant the fine-tune tested with); this member's own state is then unused
+    per_target: list[Member | None] | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ModelCard:
     head_hidden: int = 256
     descriptor_names: list[str] = field(default_factory=list)
     features: str = ""  # kind "forest": rf_dsm (the 223 DSM descriptors) or rf_ecfp (Morgan r=2, 2,048 bits)
+    task_mode: str = "multitask"  # kind "property": one network for every target, or one per target
     seeds: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +100,8 @@ def save_property_model(directory: str | Path, card: ModelCard, members: list[Me
         if m.forest is not None:
             (d / f"seed{m.seed}.forest.pkl").write_bytes(m.forest)
             entry["forest"] = f"seed{m.seed}.forest.pkl"
+        elif m.per_target is not None:
+            entry["per_target"] = [_save_target(d, m.seed, t, sub) for t, sub in enumerate(m.per_target)]
         else:
             (d / f"seed{m.seed}.safetensors").write_bytes(m.state)
         if m.normaliser is not None:
@@ -104,6 +110,18 @@ def save_property_model(directory: str | Path, card: ModelCard, members: list[Me
         meta["members"].append(entry)
     (d / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return d
+
+
+def _save_target(d: Path, seed: int, t: int, sub: Member | None) -> dict[str, Any] | None:
+    if sub is None:
+        return None
+    (d / f"seed{seed}.target{t}.safetensors").write_bytes(sub.state)
+    entry: dict[str, Any] = {"state": f"seed{seed}.target{t}.safetensors", "label_mean": sub.label_mean,
+                             "label_std": sub.label_std}
+    if sub.normaliser is not None:
+        (d / f"seed{seed}.target{t}.normaliser.pkl").write_bytes(sub.normaliser)
+        entry["normaliser"] = f"seed{seed}.target{t}.normaliser.pkl"
+    return entry
 
 
 def save_encoder_model(directory: str | Path, export_dir: str | Path, name: str, config: dict[str, Any],
@@ -229,23 +247,36 @@ class SavedModel:
                         descriptors=descriptors)
 
     # ------------------------------------------------------------------ the networks
+    def _network(self, state_file: str, n_out: int) -> Any:
+        from safetensors.torch import load
+
+        from lardo_ray.finetune.model import PropertyModel
+        from lardo_ray.models.gine import GINEConfig, GINEEncoder
+
+        enc = GINEEncoder(GINEConfig(**self.card.encoder_config))
+        model = PropertyModel(enc, n_out, self.card.head_hidden, 0.0, self.card.n_descriptors)
+        model.load_state_dict(load((self.dir / state_file).read_bytes()))
+        return model.to(self.device).eval()
+
+    def _normaliser(self, entry: dict[str, Any]) -> Any:
+        if not entry.get("normaliser"):
+            return None
+        return pickle.loads((self.dir / entry["normaliser"]).read_bytes())  # noqa: S301 - our own file
+
     def _load_members(self) -> list[tuple[Any, dict[str, Any]]]:
+        """Per seed: (network, entry) for a multi-task model; (None, entry with ``targets_obj``: per target
+        (network, entry) or None) for a per-target one."""
         if self._members is None:
-            from safetensors.torch import load
-
-            from lardo_ray.finetune.model import PropertyModel
-            from lardo_ray.models.gine import GINEConfig, GINEEncoder
-
             out = []
             for entry in self.meta["members"]:
-                enc = GINEEncoder(GINEConfig(**self.card.encoder_config))
-                model = PropertyModel(enc, len(self.card.targets), self.card.head_hidden, 0.0, self.card.n_descriptors)
-                model.load_state_dict(load((self.dir / f"seed{entry['seed']}.safetensors").read_bytes()))
-                model.to(self.device).eval()
-                norm = None
-                if entry.get("normaliser"):
-                    norm = pickle.loads((self.dir / entry["normaliser"]).read_bytes())  # noqa: S301 - our own file
-                out.append((model, {**entry, "normaliser_obj": norm}))
+                if entry.get("per_target") is not None:
+                    subs = [None if e is None else (self._network(e["state"], 1), {**e, "normaliser_obj":
+                                                                                   self._normaliser(e)})
+                            for e in entry["per_target"]]
+                    out.append((None, {**entry, "targets_obj": subs}))
+                else:
+                    model = self._network(f"seed{entry['seed']}.safetensors", len(self.card.targets))
+                    out.append((model, {**entry, "normaliser_obj": self._normaliser(entry)}))
             self._members = out
         return self._members
 
@@ -262,10 +293,6 @@ class SavedModel:
     def predict_prepared(self, prep: Prepared, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) over the ensemble, (n_accepted, n_targets) float64: probabilities for classification,
         values in the original units for regression. std is 0 for a one-member model."""
-        import torch
-
-        from lardo_ray.finetune.data import apply_descriptor_normaliser
-
         if self.kind == "encoder":
             raise ModelMismatchError(f"model {self.card.name!r} is an encoder: it gives embeddings (`lardo-ray "
                                      "encode`), not predictions")
@@ -274,22 +301,37 @@ class SavedModel:
             return self._forest_predict(prep)
         preds = []
         for model, entry in self._load_members():
-            D = None
-            if self.card.n_descriptors:
-                D = torch.as_tensor(apply_descriptor_normaliser(entry["normaliser_obj"], prep.descriptors),
-                                    device=self.device)
-            out = np.zeros((n, t), np.float64)
-            with torch.no_grad():
-                for start, g in self._batches(prep, batch_size):
-                    d = None if D is None else D[start : start + g.num_graphs]
-                    out[start : start + g.num_graphs] = model(g, d).double().cpu().numpy()
-            if self.card.task_type == "classification":
-                out = 1.0 / (1.0 + np.exp(-out))
+            if model is None:  # per target: each column from its own network (or the untrained constant)
+                out = np.zeros((n, t), np.float64)
+                for k, sub in enumerate(entry["targets_obj"]):
+                    if sub is None:
+                        out[:, k] = 0.5 if self.card.task_type == "classification" else 0.0
+                    else:
+                        out[:, k] = self._apply(sub[0], sub[1], prep, batch_size)[:, 0]
             else:
-                out = out * np.asarray(entry["label_std"]) + np.asarray(entry["label_mean"])
+                out = self._apply(model, entry, prep, batch_size)
             preds.append(out)
         stack = np.stack(preds) if preds else np.zeros((0, n, t))
         return stack.mean(axis=0), stack.std(axis=0)
+
+    def _apply(self, model: Any, entry: dict[str, Any], prep: Prepared, batch_size: int) -> np.ndarray:
+        """One network over the prepared rows, in the original units (probabilities / label scale)."""
+        import torch
+
+        from lardo_ray.finetune.data import apply_descriptor_normaliser
+
+        D = None
+        if self.card.n_descriptors:
+            D = torch.as_tensor(apply_descriptor_normaliser(entry["normaliser_obj"], prep.descriptors),
+                                device=self.device)
+        out = np.zeros((len(prep.index), int(model.n_tasks)), np.float64)
+        with torch.no_grad():
+            for start, g in self._batches(prep, batch_size):
+                d = None if D is None else D[start : start + g.num_graphs]
+                out[start : start + g.num_graphs] = model(g, d).double().cpu().numpy()
+        if self.card.task_type == "classification":
+            return 1.0 / (1.0 + np.exp(-out))
+        return out * np.asarray(entry["label_std"]) + np.asarray(entry["label_mean"])
 
     def _forest_predict(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
         from lardo_ray.finetune.baselines import fill_missing, forest_predict
@@ -320,6 +362,10 @@ class SavedModel:
                 from lardo_ray.models.gine import load_encoder
 
                 self._encoder = load_encoder(self.dir / "encoder").to(self.device).eval()
+            elif self.card.task_mode == "per_target":
+                raise ModelMismatchError(f"model {self.card.name!r} holds one fine-tuned encoder per target: no "
+                                         "single embedding to give; encode with its pre-trained encoder "
+                                         "(<run name>-encoder) or a multitask model")
             else:
                 self._encoder = self._load_members()[0][0].encoder
         outs = []

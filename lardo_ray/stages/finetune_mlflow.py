@@ -178,9 +178,9 @@ def _log_group(tracker: Tracker, g: _Group, res: FinetuneResult, enc: EncoderSou
         if res.csv_local:
             tracker.log_artifact(res.csv_local)
         members = [r for r in res.seeds if r.member is not None]
-        if g.baseline and res.seeds and not members and ft.save_models:
-            res.model_note = (f"not saved: {prepared.data.n_tasks} targets > {MAX_SAVED_TARGETS} (forests of "
-                              "that many targets run to gigabytes; their predictions are logged)")
+        if res.seeds and not members and ft.save_models and (g.baseline or ft.task_mode == "per_target"):
+            res.model_note = (f"not saved: {prepared.data.n_tasks} targets > {MAX_SAVED_TARGETS} (one model per "
+                              "target for that many targets runs to gigabytes; their predictions are logged)")
         if members and not res.failed:  # an ensemble that lost a seed is not the method's model
             res.model_uri = _log_saved_model(tracker, g, res, prepared, members)
             if res.model_uri and ft.register_models:
@@ -204,6 +204,7 @@ def _log_saved_model(tracker: Tracker, g: _Group, res: FinetuneResult, prepared:
                      name=registered_name(g.dataset_key, g.method), targets=list(prepared.data.task_names),
                      task_type=res.task_type, encoder_config=seeds[0].member.encoder_config,
                      n_descriptors=seeds[0].member.n_descriptors, head_hidden=ft.head_hidden,
+                     task_mode="per_target" if seeds[0].member.per_target is not None else "multitask",
                      metrics=parent_summary([r.metrics() for r in seeds]) if len(seeds) > 1 else seeds[0].metrics(),
                      config=g.cfg.model_dump(mode="json"))
     uri: list[str] = []

@@ -288,6 +288,21 @@ def test_per_target_mode_is_one_model_per_target_on_its_labelled_rows(tmp_path):
     multi = finetune_seed(cfg_of(*common, "finetune.label_columns=[a,b]"), 0, prepared=prepared, split=split)
     assert multi.task_mode == "multitask" and not np.array_equal(multi.test_pred, r.test_pred)
 
+    # saved (one network per target) and loaded again, the model gives the seed's test predictions
+    from lardo_ray.models.saved import ModelCard, ModelMismatchError, SavedModel, save_property_model
+
+    assert r.member is not None and [m is not None for m in r.member.per_target] == [True, True]
+    card = ModelCard(kind="property", name="two-per-target", targets=["a", "b"], task_type="classification",
+                     encoder_config=r.member.encoder_config, n_descriptors=r.member.n_descriptors,
+                     head_hidden=both.finetune.head_hidden, task_mode="per_target")
+    saved = SavedModel(save_property_model(tmp_path / "model", card, [r.member]))
+    prep, mean, std = saved.predict([prepared.data.smiles[i] for i in split.test])
+    assert len(prep.index) == len(split.test) and not prep.refused
+    np.testing.assert_allclose(mean, r.test_pred, atol=2e-6)
+    assert (std == 0).all()  # one seed
+    with pytest.raises(ModelMismatchError, match="one fine-tuned encoder per target"):
+        saved.encode(["CCO"])
+
 
 def test_descriptor_cdf_is_fitted_on_training_rows_only():
     from lardo_ray.finetune.data import normalise_descriptors
