@@ -252,6 +252,10 @@ def summary(cfg: PipelineConfig, out: StageOutput, chunk_ids: list[str], context
     template = Template.model_validate_json(context["template_json"])
     kept = ", ".join(p.property for p in template.properties)
     extra: dict[str, Any] = {"template": f"{template.template_id} ({template.source}; {kept})"[:300]}
+    if template.fallback_reason and cfg.describe.backend != "rules":
+        # the LLM's stage-1 answer was unusable: the card's own properties stand in, and the user is told why
+        extra["stage1"] = ("the LLM's answer was not used, the card's default properties were: "
+                           f"{template.fallback_reason}")[:300]
     if template.dropped:
         extra["dropped"] = ", ".join(f"{d.property} ({d.reason})" for d in template.dropped)[:300]
     extra.update(_quality(out, chunk_ids))
