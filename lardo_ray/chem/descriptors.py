@@ -91,6 +91,19 @@ def registry() -> dict[str, Calculator]:
     return reg
 
 
+def fragment_phrase(name: str) -> str | None:
+    """What an ``fr_*`` calculator counts, from RDKit's docstring: 'Number of aliphatic carboxylic acids' ->
+    'aliphatic carboxylic acids'; None for other calculators or an unexpected docstring. The one reader of
+    those docstrings (prompt labels and stage 1's synonyms both use it)."""
+    calc = registry().get(name) if name.startswith("fr_") else None
+    if calc is None:
+        return None
+    first = ((getattr(calc.fn, "__doc__", None) or "").strip().splitlines() or [""])[0]
+    if not first.lower().startswith("number of "):
+        return None
+    return first[len("number of "):].strip().rstrip(".") or None
+
+
 def groups() -> dict[str, list[str]]:
     reg = registry()
     out: dict[str, list[str]] = {"all": list(reg)}

@@ -107,6 +107,22 @@ class Prepared:
         return [(i, r.messages) for i, r in enumerate(self.records) if r is not None and self.use_llm[i]]
 
 
+@dataclass
+class RowOutcome:
+    """What one row ends with: its text, why it has none, its token counts and latency (regenerations
+    added), and the post-check as the LLM wrote it (``before``) and after any correction (``after``)."""
+
+    text: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    before: PostcheckResult | None = None
+    after: PostcheckResult | None = None
+    regenerations: int = 0
+    corrected: int = 0
+
+
 class DescribeStage2:
     def __init__(self, cfg: DescribeConfig, template: Template | None, backend: LLMBackend | None = None):
         self.cfg = cfg
@@ -243,35 +259,29 @@ class DescribeStage2:
     def finish(self, batch: pa.Table, prepared: Prepared, gens: dict[int, Generation]) -> pa.Table:
         cfg, n = self.cfg, batch.num_rows
         mode = cfg.postcheck
-        texts: list[str | None] = [None] * n
-        errors = list(prepared.errors)
-        ptok = [0] * n
-        ctok = [0] * n
-        lat = [0.0] * n
-        for i in range(n):
+        rows = [RowOutcome(error=prepared.errors[i]) for i in range(n)]
+        for i, row in enumerate(rows):
             g = gens.get(i)
             if prepared.records[i] is None:
                 continue
             if g is None:
-                errors[i] = errors[i] or "not generated"
+                row.error = row.error or "not generated"
                 continue
-            texts[i], ptok[i], ctok[i], lat[i] = g.text, g.prompt_tokens, g.completion_tokens, g.latency_s
+            row.text, row.prompt_tokens, row.completion_tokens = g.text, g.prompt_tokens, g.completion_tokens
+            row.latency_s = g.latency_s
             if g.error is not None or g.text is None:
-                errors[i] = g.error or "empty generation"
-                texts[i] = None
+                row.error, row.text = g.error or "empty generation", None
 
-        before: list[PostcheckResult | None] = [None] * n
         if mode != "off":
-            for i in range(n):
-                if texts[i] is None:
+            for i, row in enumerate(rows):
+                if row.text is None:
                     continue
                 if prepared.use_llm[i]:
-                    before[i] = self._check(texts[i], prepared.values[i], prepared.extra["smiles"][i])
+                    row.before = self._check(row.text, prepared.values[i], prepared.extra["smiles"][i])
                 else:  # the rules writer states DSM values only: count them instead of re-parsing its text
-                    before[i] = PostcheckResult(RulesBackend.stated(prepared.records[i]), 0)
-        current = list(before)  # the post-check of texts[i] as it stands
+                    row.before = PostcheckResult(RulesBackend.stated(prepared.records[i]), 0)
+        current = [row.before for row in rows]  # the post-check of each row's text as it stands
 
-        regens = [0] * n
         if mode == "regenerate" and not isinstance(self.backend, RulesBackend):
             for attempt in range(1, cfg.max_regenerations + 1):
                 redo = [i for i in range(n) if current[i] is not None and current[i].n_wrong > 0 and prepared.use_llm[i]]
@@ -279,42 +289,40 @@ class DescribeStage2:
                     break
                 out = self._safe_describe(self.backend, [prepared.records[i] for i in redo], seed_offset=attempt)
                 for i, g in zip(redo, out):
-                    regens[i] += 1
-                    ptok[i] += g.prompt_tokens
-                    ctok[i] += g.completion_tokens
-                    lat[i] += g.latency_s
+                    row = rows[i]
+                    row.regenerations += 1
+                    row.prompt_tokens += g.prompt_tokens
+                    row.completion_tokens += g.completion_tokens
+                    row.latency_s += g.latency_s
                     if g.error is None and g.text:
                         res = self._check(g.text, prepared.values[i], prepared.extra["smiles"][i])
                         if res.n_wrong < current[i].n_wrong:
-                            current[i], texts[i] = res, g.text
+                            current[i], row.text = res, g.text
 
-        after: list[PostcheckResult | None] = [None] * n
-        n_corrected = [0] * n
-        for i in range(n):
-            if texts[i] is None or mode == "off":
+        for i, row in enumerate(rows):
+            if row.text is None or mode == "off":
                 continue
             res = current[i]
             if mode in ("correct", "regenerate") and res.n_wrong and prepared.use_llm[i]:
                 smiles = prepared.extra["smiles"][i]
                 fixes = corrections(res)
                 if fixes:
-                    texts[i] = correct(texts[i], prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance,
+                    row.text = correct(row.text, prepared.values[i], cfg.rel_tolerance, cfg.abs_tolerance,
                                        smiles=smiles)
-                    n_corrected[i] = len(fixes)
-                    res = self._check(texts[i], prepared.values[i], smiles)
-            after[i] = res
+                    row.corrected = len(fixes)
+                    res = self._check(row.text, prepared.values[i], smiles)
+            row.after = res
 
-        return self._table(batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens, n_corrected)
+        return self._table(batch, prepared, rows)
 
-    def _table(self, batch, prepared, texts, errors, ptok, ctok, lat, before, after, regens,
-               n_corrected=None) -> pa.Table:
+    def _table(self, batch: pa.Table, prepared: Prepared, rows: list[RowOutcome]) -> pa.Table:
         n = batch.num_rows
         cfg = self.cfg
         llm_sampling = self.sampling.key()
         tid = self.template.template_id
         backend_col, model_col, samp_col, keys, wrong_json, kinds_json = [], [], [], [], [], []
         extra = [cfg.prompt_set, cfg.variant, cfg.postcheck, str(PROMPT_VERSION)]
-        for i in range(n):
+        for i, row in enumerate(rows):
             b = self.backend if prepared.use_llm[i] else self.rules
             samp = llm_sampling if b.uses_sampling else "{}"
             backend_col.append(b.name)
@@ -322,9 +330,13 @@ class DescribeStage2:
             samp_col.append(samp)
             s = prepared.extra["smiles"][i]
             keys.append(cache_key(s, tid, b.model, samp, b.name, *extra) if s else None)
-            wrong_json.append(json.dumps(before[i].wrong_dicts(), default=str) if before[i] is not None else None)
-            kinds_json.append(json.dumps(before[i].by_kind()) if before[i] is not None and before[i].details
-                              + before[i].structural else None)
+            before = row.before
+            wrong_json.append(json.dumps(before.wrong_dicts(), default=str) if before is not None else None)
+            kinds_json.append(json.dumps(before.by_kind()) if before is not None and before.details
+                              + before.structural else None)
+        before = [row.before for row in rows]
+        after = [row.after for row in rows]
+        lat = [row.latency_s for row in rows]
 
         def ints(results, attr):
             return [getattr(r, attr) if r is not None else None for r in results]
@@ -332,24 +344,24 @@ class DescribeStage2:
         cols = {
             MOL_ID: prepared.extra["ids"],
             CANONICAL_SMILES: prepared.extra["smiles"],
-            DESCRIPTION: texts,
+            DESCRIPTION: [row.text for row in rows],
             TEMPLATE_ID: [tid] * n,
             "backend": backend_col,
             "model": model_col,
             "sampling_params": samp_col,
-            "prompt_tokens": ptok,
-            "completion_tokens": ctok,
+            "prompt_tokens": [row.prompt_tokens for row in rows],
+            "completion_tokens": [row.completion_tokens for row in rows],
             "latency_s": [float(x) if x is not None and not math.isnan(x) else None for x in lat],
             "n_claims": ints(after, "n_claims"),
             "n_wrong": ints(after, "n_wrong"),
             "n_claims_before": ints(before, "n_claims"),
             "n_wrong_before": ints(before, "n_wrong"),
-            "n_regenerations": regens,
-            "n_corrected": n_corrected or [0] * n,
+            "n_regenerations": [row.regenerations for row in rows],
+            "n_corrected": [row.corrected for row in rows],
             "n_undecidable_before": [r.n_undecidable if r is not None else None for r in before],
             "claims_by_kind": kinds_json,
             "wrong_claims": wrong_json,
-            "error": errors,
+            "error": [row.error for row in rows],
             "cache_key": keys,
         }
         arrays = [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]

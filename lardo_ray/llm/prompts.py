@@ -87,12 +87,10 @@ def label_of(name: str) -> str:
     if name in DISPLAY:
         return DISPLAY[name][0]
     if name.startswith("fr_"):
-        from lardo_ray.chem.descriptors import registry
+        from lardo_ray.chem.descriptors import fragment_phrase
 
-        calc = registry().get(name)
-        doc = (getattr(calc.fn, "__doc__", None) or "").strip().splitlines() if calc else []
-        if doc and doc[0].lower().startswith("number of "):
-            text = doc[0][len("number of "):].strip().rstrip(".")
+        text = fragment_phrase(name)
+        if text:
             return text[:1].upper() + text[1:]
     return name
 

@@ -134,15 +134,13 @@ def _blockers() -> dict[str, list[str]]:
 
 def _fragment_synonyms() -> dict[str, list[str]]:
     """'Number of nitriles' -> 'nitrile' for every fr_ calculator (lower priority than SYNONYMS)."""
-    from lardo_ray.chem.descriptors import registry
+    from lardo_ray.chem.descriptors import fragment_phrase, registry
 
     out: dict[str, list[str]] = {}
-    for name, calc in registry().items():
-        if not name.startswith("fr_"):
-            continue
-        doc = ((getattr(calc.fn, "__doc__", None) or "").strip().splitlines() or [""])[0]
-        if doc.lower().startswith("number of "):
-            phrase = _norm(re.sub(r"\(.*?\)|,.*$|excluding.*$", "", doc[len("number of "):]))
+    for name in registry():
+        text = fragment_phrase(name)
+        if text:
+            phrase = _norm(re.sub(r"\(.*?\)|,.*$|excluding.*$", "", text))
             if phrase and phrase not in SYNONYMS and len(phrase) >= 4:
                 out.setdefault(phrase, [name])
     return out
