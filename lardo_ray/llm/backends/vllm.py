@@ -165,6 +165,19 @@ def _tolerate_fabricated_dicts() -> None:
     dispatcher._lardo_tolerant = True
 
 
+def engine_prompt(renderer: PromptRenderer, messages: Messages, max_model_len: int) -> list[int] | Generation:
+    """The token ids the engine gets for ``messages``, or the failed row when they cannot be rendered or do not
+    fit the context (the in-process backend and the ray.data.llm pipeline refuse a prompt the same way)."""
+    try:
+        ids = renderer.encode(messages)
+    except Exception as e:  # noqa: BLE001 - a bad prompt fails its row, not the batch
+        return Generation.failed(f"prompt rendering failed: {type(e).__name__}: {e}")
+    if len(ids) >= max_model_len:
+        return Generation.failed(f"prompt too long: {len(ids)} tokens >= max_model_len {max_model_len}",
+                                 prompt_tokens=len(ids))
+    return ids
+
+
 class VLLMBackend(LLMBackend):
     name = "vllm"
 
@@ -213,15 +226,9 @@ class VLLMBackend(LLMBackend):
         results: list[Generation | None] = [None] * len(prompts)
         items: list[tuple[int, list[int]]] = []
         for i, msgs in enumerate(prompts):
-            try:
-                ids = self.renderer.encode(msgs)
-            except Exception as e:  # noqa: BLE001
-                results[i] = Generation.failed(f"prompt rendering failed: {type(e).__name__}: {e}")
-                continue
-            if len(ids) >= self.max_model_len:
-                results[i] = Generation.failed(
-                    f"prompt too long: {len(ids)} tokens >= max_model_len {self.max_model_len}", prompt_tokens=len(ids)
-                )
+            ids = engine_prompt(self.renderer, msgs, self.max_model_len)
+            if isinstance(ids, Generation):
+                results[i] = ids
                 continue
             items.append((i, ids))
         if items:

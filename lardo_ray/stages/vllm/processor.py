@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from lardo_ray.llm.backends.base import DescribeRecord, Generation, LLMBackend, Messages
-from lardo_ray.llm.backends.vllm import PromptRenderer, engine_kwargs, resolve_vllm_model, vllm_sampling_dict
+from lardo_ray.llm.backends.vllm import (
+    PromptRenderer,
+    engine_kwargs,
+    engine_prompt,
+    resolve_vllm_model,
+    vllm_sampling_dict,
+)
 from lardo_ray.llm.describe import DescribeStage2, Prepared
 from lardo_ray.llm.settings import DescribeConfig, SamplingParams
 from lardo_ray.llm.stage1 import Template
@@ -124,15 +130,9 @@ class _Prepare:
                 rule_rows.append(i)
                 rule_records.append(rec)
                 continue
-            try:
-                ids = self.renderer.encode(rec.messages)
-            except Exception as e:  # noqa: BLE001
-                gens[i] = Generation.failed(f"prompt rendering failed: {type(e).__name__}: {e}")
-                continue
-            if len(ids) >= self.max_len:
-                gens[i] = Generation.failed(
-                    f"prompt too long: {len(ids)} tokens >= max_model_len {self.max_len}", prompt_tokens=len(ids)
-                )
+            ids = engine_prompt(self.renderer, rec.messages, self.max_len)
+            if isinstance(ids, Generation):
+                gens[i] = ids
                 continue
             prompts[i], to_engine[i] = ids, True
         if rule_rows:
