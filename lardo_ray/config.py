@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lardo_ray.config_base import ConfigError, RayResources, Section
 from lardo_ray.finetune.settings import CompareConfig, FinetuneConfig
@@ -197,6 +197,13 @@ class PipelineConfig(Section):
             except KeyError as e:
                 raise ValueError(str(e.args[0])) from None
         return v
+
+    @model_validator(mode="after")
+    def _descriptor_loss_has_targets(self) -> PipelineConfig:
+        if self.pretrain.descriptor_weight > 0 and not self.featurize.dsm_targets:
+            raise ValueError("pretrain.descriptor_weight > 0 regresses the dsm descriptors, which the featurize "
+                             "table carries only with featurize.dsm_targets: true")
+        return self
 
     def stage_dir(self, stage: str) -> str:
         if stage in self.run.stage_dirs:

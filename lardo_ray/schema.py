@@ -21,6 +21,7 @@ ATOM_FEATURES = "x"  # list<list<int64>> n_atoms x 9
 EDGE_INDEX = "edge_index"  # list<list<int64>> 2 x n_edges (both directions)
 EDGE_FEATURES = "edge_attr"  # list<list<int64>> n_edges x 3
 NUM_NODES = "num_nodes"
+DSM_TARGETS = "dsm_targets"  # list<float32>: the dsm stage's descriptors (NaN where missing), featurize.dsm_targets
 
 # embed stage
 TEXT_EMBEDDING = "text_embedding"  # list<float32>

@@ -153,7 +153,12 @@ def retrieval_accuracy(logits: torch.Tensor, ks: tuple[int, ...] = (1, 5),
 
 # ------------------------------------------------------------------ the pre-training model
 class ContrastiveModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_encoder: TextEncoder | None = None):
+    """GINE + graph/text projection heads + temperature; with ``n_descriptors`` > 0 also a descriptor head
+    (pooled graph embedding -> the molecule's CDF-normalised dsm descriptors), trained beside InfoNCE and not
+    exported: fine-tuning starts from the encoder alone."""
+
+    def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_encoder: TextEncoder | None = None,
+                 n_descriptors: int = 0):
         super().__init__()
         self.cfg = cfg
         self.graph_encoder = GINEEncoder(
@@ -174,6 +179,10 @@ class ContrastiveModel(nn.Module):
         self.text_dim = int(text_dim)
         self.text_proj = ProjectionHead(self.text_dim, cfg.projection_dim, cfg.projection_hidden)
         self.logit_scale = LogitScale(cfg.temperature_init, learnable=cfg.learn_temperature)
+        self.descriptor_head: nn.Module | None = None
+        if n_descriptors > 0:
+            d = self.graph_encoder.out_dim
+            self.descriptor_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, n_descriptors))
 
     @property
     def text_mode(self) -> Literal["embedding", "tokens"]:
@@ -188,12 +197,27 @@ class ContrastiveModel(nn.Module):
             return self.text_proj(text.to(w.weight.dtype))  # bf16 engines get fp32 embeddings from the data
         return self.text_proj(self.text_encoder(**text))
 
-    def forward(self, graphs, text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(graph embeddings, text embeddings, logit scale); embeddings L2-normalised, (B, projection_dim)."""
-        return self.encode_graphs(graphs), self.encode_texts(text), self.logit_scale()
+    def forward(self, graphs, text, descriptors: bool = False) -> tuple[torch.Tensor, ...]:
+        """(graph embeddings, text embeddings, logit scale); embeddings L2-normalised, (B, projection_dim).
+        ``descriptors=True`` appends the descriptor head's (B, n_descriptors) predictions from the same pass."""
+        h = self.graph_encoder(graphs)
+        out = (self.graph_proj(h), self.encode_texts(text), self.logit_scale())
+        if descriptors:
+            if self.descriptor_head is None:
+                raise ValueError("this model has no descriptor head (n_descriptors=0)")
+            out = (*out, self.descriptor_head(h))
+        return out
 
 
-def build_model(cfg: ModelConfig, text_dim: int | None = None, seed: int | None = 0) -> ContrastiveModel:
+def build_model(cfg: ModelConfig, text_dim: int | None = None, seed: int | None = 0,
+                n_descriptors: int = 0) -> ContrastiveModel:
     if seed is not None:
         torch.manual_seed(seed)
-    return ContrastiveModel(cfg, text_dim=text_dim)
+    return ContrastiveModel(cfg, text_dim=text_dim, n_descriptors=n_descriptors)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the finite targets only (a descriptor RDKit could not compute is NaN)."""
+    ok = torch.isfinite(target)
+    diff = torch.where(ok, pred - torch.nan_to_num(target), torch.zeros_like(pred))
+    return (diff * diff).sum() / ok.sum().clamp(min=1)

@@ -7,7 +7,7 @@ edge_attr, num_nodes, num_edges (layout: lardo_ray.chem.graph).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -34,6 +34,11 @@ class FeaturizeConfig(Section):
         description="stage whose shards are featurized; auto = embed when model.freeze_text, else describe",
     )
     batch_rows: int = Field(default=2_000, ge=1, description="rows per featurizer call inside a unit of work")
+    dsm_targets: bool = Field(
+        default=False, description="carry the dsm stage's descriptors of each row (its shard of the same chunk, "
+        "joined on mol_id) as one float32 vector, dsm_targets, for pre-training's descriptor loss "
+        "(pretrain.descriptor_weight)",
+    )
     ray: RayResources = Field(
         default_factory=lambda: RayResources(num_cpus=1.0), description="actor pool of the featurize stage"
     )
@@ -71,6 +76,61 @@ class FeaturizeCore:
             schema.STAGE: pa.array([STAGE] * rej.num_rows, pa.string()),
         })
         return pa.concat_tables(outs), rej
+
+
+def descriptor_columns(cfg: PipelineConfig, names: list[str]) -> list[str]:
+    """The dsm shard's descriptor columns, in the registry's order: never ids, notes or the user's kept
+    columns (a label among the targets would leak it into pre-training)."""
+    from lardo_ray.chem.descriptors import resolve_descriptor_names
+
+    present = set(names)
+    return [n for n in resolve_descriptor_names(cfg.dsm.descriptors) if n in present]
+
+
+def check(cfg: PipelineConfig) -> None:
+    """Before any work: the descriptors must come from a finished dsm stage."""
+    if not cfg.featurize.dsm_targets:
+        return
+    from lardo_ray.config import ConfigError
+    from lardo_ray.io import StageOutput
+
+    dsm = StageOutput(cfg.stage_dir("dsm"))
+    manifest = dsm.read_manifest()
+    if not manifest or manifest.get("status") != "complete":
+        raise ConfigError(f"featurize.dsm_targets reads the dsm stage's shards, but {dsm.uri} is not a finished "
+                          "dsm output (run dsm first, or point run.stage_dirs.dsm at one)")
+
+
+def with_dsm_targets(cfg: PipelineConfig, table: pa.Table, unit: dict[str, Any]) -> pa.Table:
+    """The stage's ``enrich`` hook. With featurize.dsm_targets: ``table`` plus a ``dsm_targets`` column, the
+    row's descriptors from the dsm shard of the same chunk (the stages' shards are one to one; float32, NaN
+    where RDKit gave none). A row the dsm shard lacks is an error, not a silent NaN row."""
+    if not cfg.featurize.dsm_targets:
+        return table
+    chunk_id = unit["chunk_id"]
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lardo_ray.config import ConfigError
+    from lardo_ray.io import StageOutput
+
+    dsm = StageOutput(cfg.stage_dir("dsm"))
+    path = dsm.data_path(chunk_id)
+    names = descriptor_columns(cfg, pq.read_schema(path, filesystem=dsm.fs).names)
+    if not names:
+        raise ConfigError(f"featurize.dsm_targets: {path} has no descriptor columns")
+    d = pq.read_table(path, columns=[schema.MOL_ID, *names], filesystem=dsm.fs)
+    index = {m: i for i, m in enumerate(d.column(schema.MOL_ID).to_pylist())}
+    found = [index.get(m) for m in table.column(schema.MOL_ID).to_pylist()]
+    rows = [r for r in found if r is not None]
+    if len(rows) != len(found):
+        missing = len(found) - len(rows)
+        raise RuntimeError(f"featurize.dsm_targets: {missing} row(s) of chunk {chunk_id} are not in {path}")
+    X = np.column_stack([d.column(n).to_numpy(zero_copy_only=False).astype(np.float32) for n in names])[rows]
+    X[~np.isfinite(X)] = np.nan
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1), pa.float32()), len(names))
+    return table.append_column(schema.DSM_TARGETS, vectors.cast(pa.list_(pa.float32())))
 
 
 def run_featurize(cfg: PipelineConfig, tracker: Tracker | None = None) -> StageSummary:

@@ -273,6 +273,7 @@ class ChunkWorker:
         if self.stage.core is None:
             raise ValueError(f"stage {self.stage.name!r} has no core: it is not a chunked stage")
         self.core = load_ref(self.stage.core)(self.cfg, **self.context)
+        self.enrich = self.stage.hook("enrich")
 
     def read(self, unit: dict[str, Any]) -> pa.Table:
         if self.up is None:
@@ -284,7 +285,8 @@ class ChunkWorker:
         if wanted is not None:  # optional columns (e.g. text_embedding) are read when the shard has them
             names = set(pq.read_schema(path, filesystem=self.up.fs).names)
             wanted = [c for c in wanted if c in names]
-        return pq.read_table(path, columns=wanted, filesystem=self.up.fs)
+        table = pq.read_table(path, columns=wanted, filesystem=self.up.fs)
+        return self.enrich(self.cfg, table, unit) if self.enrich is not None else table
 
     def process(self, unit: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()

@@ -123,10 +123,15 @@ def _check_inputs(cfg: PipelineConfig, up: StageOutput, files: list[str]) -> Non
     names = set(pq.read_schema(files[0], filesystem=up.fs).names)
     need = {schema.MOL_ID, schema.ATOM_FEATURES, schema.EDGE_INDEX, schema.EDGE_FEATURES}
     need.add(schema.TEXT_EMBEDDING if cfg.model.freeze_text else schema.DESCRIPTION)
+    if cfg.pretrain.descriptor_weight > 0:
+        need.add(schema.DSM_TARGETS)
     missing = sorted(need - names)
     if missing:
         hint = (" (model.freeze_text=true trains on the embed stage's vectors: featurize must read embed/)"
                 if schema.TEXT_EMBEDDING in missing else "")
+        if schema.DSM_TARGETS in missing:
+            hint += (" (pretrain.descriptor_weight > 0 regresses the descriptors that featurize carries with "
+                     "featurize.dsm_targets=true)")
         raise ConfigError(f"the featurize output {up.uri} lacks column(s) {missing}{hint}")
 
 

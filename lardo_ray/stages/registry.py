@@ -49,6 +49,8 @@ class Stage:
     # vLLM waves), False for the default actor pool
     execute: str | None = None
     after: str | None = None  # (cfg, out, chunk_ids) -> None, before reconciling (dsm: duplicates)
+    # (cfg, table, unit) -> table, on each upstream shard as read, before the core (featurize: dsm's descriptors)
+    enrich: str | None = None
     summary: str | None = None  # (cfg, out, chunk_ids, context) -> dict of extra summary lines
     manifest: str | None = None  # (cfg, context, summary) -> dict of extra manifest keys
     worker: str = "lardo_ray.stages.lifecycle:ChunkWorker"
@@ -134,6 +136,7 @@ register(Stage(
     help="SMILES -> OGB molecular graphs, the pre-training table (reads embed/ or describe/, writes featurize/)",
     core="lardo_ray.stages.featurize:FeaturizeCore",
     upstream="lardo_ray.stages.featurize:featurize_upstream", sections=("featurize",), resources="featurize.ray",
+    enrich="lardo_ray.stages.featurize:with_dsm_targets", check="lardo_ray.stages.featurize:check",
     columns=(schema.MOL_ID, schema.CANONICAL_SMILES, schema.DESCRIPTION, schema.TEXT_EMBEDDING, schema.TEMPLATE_ID),
 ))
 register(Stage(

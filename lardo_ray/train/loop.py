@@ -43,7 +43,7 @@ from torch import nn
 from lardo_ray import schema
 from lardo_ray.chem.graph import as_arrow_table, graphs_to_pyg_batch
 from lardo_ray.models.contrastive import (ContrastiveModel, build_model, contrastive_logits, info_nce,  # noqa: F401
-                                         retrieval_accuracy)
+                                         masked_mse, retrieval_accuracy)
 from lardo_ray.models.gine import save_encoder
 from lardo_ray.models.text import embeddings_from_arrow
 from lardo_ray.train.holdout import held_out_mask as eval_mask  # noqa: F401  (the loop's name for it)
@@ -63,11 +63,58 @@ class Inputs:
     text: torch.Tensor | dict[str, torch.Tensor]
     num_rows: int
     text_keys: torch.Tensor | None = None  # int64 per row, equal for equal descriptions (multi-positive InfoNCE)
+    targets: torch.Tensor | None = None  # (B, n_descriptors) in [0, 1], NaN where unknown (descriptor loss)
 
     def to(self, device: torch.device | str) -> Inputs:
         text = {k: v.to(device) for k, v in self.text.items()} if isinstance(self.text, dict) else self.text.to(device)
         keys = self.text_keys.to(device) if self.text_keys is not None else None
-        return Inputs(self.graphs.to(device), text, self.num_rows, keys)
+        targets = self.targets.to(device) if self.targets is not None else None
+        return Inputs(self.graphs.to(device), text, self.num_rows, keys, targets)
+
+
+class DescriptorScaler:
+    """Each descriptor's empirical CDF, fitted on a sample of the training rows: values -> [0, 1], so ~200
+    descriptors on scales from 0.01 to 10^4 weigh alike in one MSE (the fine-tune head's normalisation,
+    finetune.data.fit_descriptor_normaliser, in numpy so that workers need no scikit-learn object).
+    Constant or never-computed descriptors are masked (NaN targets): they teach nothing."""
+
+    def __init__(self, quantiles: np.ndarray):
+        self.quantiles = np.asarray(quantiles, dtype=np.float64)  # (n_quantiles, n_descriptors)
+        q = self.quantiles
+        self.usable = np.isfinite(q).all(axis=0) & (q[-1] > q[0])
+        self.references = np.linspace(0.0, 1.0, q.shape[0])
+
+    @classmethod
+    def fit(cls, X: np.ndarray, n_quantiles: int = 1000) -> DescriptorScaler:
+        import warnings
+
+        n = max(2, min(n_quantiles, len(X)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN quantiles, masked
+            return cls(np.nanquantile(np.asarray(X, dtype=np.float64), np.linspace(0.0, 1.0, n), axis=0))
+
+    @property
+    def n_descriptors(self) -> int:
+        return int(self.quantiles.shape[1])
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        out = np.full(X.shape, np.nan, dtype=np.float32)
+        r = self.references
+        for j in np.flatnonzero(self.usable):
+            q, x = self.quantiles[:, j], X[:, j]
+            # both directions averaged, as scikit-learn's QuantileTransformer: ties (counts) land mid-plateau
+            v = 0.5 * (np.interp(x, q, r) - np.interp(-x, -q[::-1], -r[::-1]))
+            v = np.where(x <= q[0], 0.0, np.where(x >= q[-1], 1.0, v))  # the ends as scikit-learn pins them
+            out[:, j] = np.where(np.isfinite(x), v, np.nan)
+        return out
+
+    def to_json(self) -> list[list[float | None]]:
+        return [[None if not np.isfinite(v) else float(v) for v in row] for row in self.quantiles]
+
+    @classmethod
+    def from_json(cls, rows: list[list[float | None]]) -> DescriptorScaler:
+        return cls(np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64))
 
 
 def text_keys(items: Iterable[bytes]) -> torch.Tensor:
@@ -79,8 +126,10 @@ def text_keys(items: Iterable[bytes]) -> torch.Tensor:
 
 
 def collate(batch: Any, text_mode: Literal["embedding", "tokens"] = "embedding",
-            tokenizer: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> Inputs | None:
-    """Rows with graph columns + ``text_embedding`` (or ``description`` in token mode) -> Inputs.
+            tokenizer: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+            scaler: DescriptorScaler | None = None) -> Inputs | None:
+    """Rows with graph columns + ``text_embedding`` (or ``description`` in token mode) -> Inputs; with a
+    ``scaler``, the ``dsm_targets`` column too (the descriptor loss's targets).
 
     Rows without a text (null embedding / blank description) are dropped; a batch left with fewer than two
     rows gives None (InfoNCE needs negatives).
@@ -109,7 +158,15 @@ def collate(batch: Any, text_mode: Literal["embedding", "tokens"] = "embedding",
         descriptions = table.column(schema.DESCRIPTION).to_pylist()
         text = tokenizer(descriptions)
         keys = text_keys(d.encode() for d in descriptions)
-    return Inputs(graphs, text, table.num_rows, keys)
+    targets = None
+    if scaler is not None:
+        col = table.column(schema.DSM_TARGETS)
+        raw = np.array(col.to_pylist(), dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[1] != scaler.n_descriptors:
+            raise ValueError(f"{schema.DSM_TARGETS}: rows of {raw.shape[1:]} values, the scaler has "
+                             f"{scaler.n_descriptors} descriptors (featurize and pretrain disagree)")
+        targets = torch.from_numpy(scaler.transform(raw))
+    return Inputs(graphs, text, table.num_rows, keys, targets)
 
 
 def iter_table_batches(table: pa.Table, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -232,8 +289,12 @@ class Trainer:
 
     def __init__(self, model: ContrastiveModel, cfg: PretrainConfig, total_steps: int, *,
                  device: str | torch.device | None = None, callbacks: Iterable[Callback] = (),
-                 checkpoint_root: str | Path | None = None, wrap_model: Callable[[nn.Module], nn.Module] | None = None):
+                 checkpoint_root: str | Path | None = None, wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                 descriptor_scaler: DescriptorScaler | None = None):
         self.cfg = cfg
+        self.descriptor_scaler = descriptor_scaler if cfg.descriptor_weight > 0 else None
+        if self.descriptor_scaler is not None and model.descriptor_head is None:
+            raise ValueError("pretrain.descriptor_weight > 0 needs a model built with n_descriptors")
         self.total_steps = max(1, int(total_steps))
         self.callbacks = list(callbacks)
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
@@ -292,7 +353,7 @@ class Trainer:
         tok = None
         if self.module.text_mode == "tokens":
             tok = self.module.text_encoder.tokenize
-        inputs = collate(batch, self.module.text_mode, tok)
+        inputs = collate(batch, self.module.text_mode, tok, self.descriptor_scaler)
         return inputs.to(self.device) if inputs is not None else None
 
     def _autocast(self):
@@ -308,10 +369,16 @@ class Trainer:
         stepped, so ``self.step`` advanced).
         """
         self.model.train()
+        with_descriptors = inputs.targets is not None
+        extra: dict[str, float] = {}
         with self._autocast():
-            g, t, scale = self.model(inputs.graphs, inputs.text)
+            g, t, scale, *pred = self.model(inputs.graphs, inputs.text, descriptors=with_descriptors)
             logits = contrastive_logits(g.float(), t.float(), scale.float())
             loss, l_g2t, l_t2g = info_nce(logits, inputs.text_keys)
+            if with_descriptors:
+                l_desc = masked_mse(pred[0].float(), inputs.targets)
+                extra = {"loss_contrastive": float(loss.detach()), "loss_descriptors": float(l_desc.detach())}
+                loss = loss + self.cfg.descriptor_weight * l_desc
         if self.use_deepspeed:
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
@@ -334,7 +401,7 @@ class Trainer:
         acc = retrieval_accuracy(logits.detach(), keys=inputs.text_keys)
         return {"loss": float(loss.detach()), "loss_g2t": float(l_g2t.detach()), "loss_t2g": float(l_t2g.detach()),
                 "top1": acc["top1"], "top5": acc["top5"], "batch_rows": float(inputs.num_rows),
-                "stepped": float(stepped)}
+                "stepped": float(stepped), **extra}
 
     @property
     def lr(self) -> float:
@@ -459,8 +526,8 @@ class Trainer:
         return last
 
     def _log_window(self, window: list[dict[str, float]], t0: float, rows0: int) -> dict[str, float]:
-        keys = ("loss", "loss_g2t", "loss_t2g", "top1", "top5")
-        m = {f"train_{k}": float(np.mean([w[k] for w in window])) for k in keys}
+        keys = ("loss", "loss_g2t", "loss_t2g", "top1", "top5", "loss_contrastive", "loss_descriptors")
+        m = {f"train_{k}": float(np.mean([w[k] for w in window])) for k in keys if k in window[0]}
         dt = max(1e-9, time.perf_counter() - t0)
         m.update(lr=self.lr, temperature=self.module.logit_scale.temperature, epoch=float(self.epoch),
                  rows_per_s=(self.rows_seen - rows0) / dt, rows_seen=float(self.rows_seen))

@@ -113,9 +113,9 @@ class FaultInjection:
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
-def train_columns(text_mode: str) -> list[str]:
+def train_columns(text_mode: str, descriptors: bool = False) -> list[str]:
     text = schema.TEXT_EMBEDDING if text_mode == "embedding" else schema.DESCRIPTION
-    return [schema.MOL_ID, text, *GRAPH_COLUMNS]
+    return [schema.MOL_ID, text, *GRAPH_COLUMNS, *([schema.DSM_TARGETS] if descriptors else [])]
 
 
 class RowFilter:
@@ -153,7 +153,8 @@ def make_datasets(files: list[str], cfg: PretrainConfig, text_mode: str, filesys
         # before the workers hold their CPUs) and starts each epoch in ~0.4 s instead of ~4 s.
         ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(files, columns=train_columns(text_mode), filesystem=filesystem,
+            ds = ray.data.read_parquet(files, columns=train_columns(text_mode, cfg.descriptor_weight > 0),
+                                       filesystem=filesystem,
                                        num_cpus=cfg.data_num_cpus)
         finally:
             ctx.use_datasource_v2 = v2
@@ -179,6 +180,29 @@ def count_rows(files: list[str], cfg: PretrainConfig, filesystem=None) -> tuple[
         n_eval += held
         n_train += len(ids) - held
     return n_train, n_eval
+
+
+def fit_descriptor_scaler(files: list[str], cfg: PretrainConfig, filesystem=None, max_rows: int = 20_000):
+    """The descriptor targets' CDFs from up to ``max_rows`` training rows (the first shards; inputs come in
+    no particular order), so every worker maps descriptors to [0, 1] the same way."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from lardo_ray.train.loop import DescriptorScaler
+
+    parts, n = [], 0
+    for f in files:
+        t = pq.read_table(f, columns=[schema.MOL_ID, schema.DSM_TARGETS], filesystem=filesystem)
+        train = ~held_out_mask(t.column(schema.MOL_ID).to_pylist(), cfg.eval_fraction, cfg.seed)
+        rows = [v for v, keep in zip(t.column(schema.DSM_TARGETS).to_pylist(), train) if keep and v is not None]
+        parts.append(np.array(rows, dtype=np.float64).reshape(len(rows), -1))
+        n += len(rows)
+        if n >= max_rows:
+            break
+    X = np.concatenate(parts)[:max_rows]
+    if not len(X):
+        raise ConfigError("pretrain.descriptor_weight: no training row has dsm_targets")
+    return DescriptorScaler.fit(X)
 
 
 def text_dim_of(files: list[str], filesystem=None) -> int:
@@ -339,7 +363,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_geometric")
 
     total = estimate_total_steps(config["train_rows"], pcfg, world)
-    model = build_model(mcfg, text_dim=config.get("text_dim"), seed=pcfg.seed)
+    scaler = None
+    if config.get("descriptor_quantiles") is not None:
+        from lardo_ray.train.loop import DescriptorScaler
+
+        scaler = DescriptorScaler.from_json(config["descriptor_quantiles"])
+    model = build_model(mcfg, text_dim=config.get("text_dim"), seed=pcfg.seed,
+                        n_descriptors=scaler.n_descriptors if scaler is not None else 0)
     callbacks: list = []
     reporter = RayReporter(pcfg.epochs, rank, world)
     callbacks.append(reporter)
@@ -352,7 +382,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap = lambda m: ray.train.torch.prepare_model(m, move_to_device=False)  # noqa: E731 - DDP
     Trainer = _make_trainer_class()
     trainer = Trainer(model, pcfg, total, device=device, callbacks=callbacks, checkpoint_root=local_root,
-                      wrap_model=wrap)
+                      wrap_model=wrap, descriptor_scaler=scaler)
     fault = config.get("fault")
     trainer.fault = FaultInjection(**fault) if fault else None
     reporter.trainer = trainer
@@ -458,6 +488,8 @@ def run_training(pcfg: PretrainConfig, mcfg: ModelConfig, files: list[str], *, n
         "pretrain": pcfg.model_dump(mode="json"),
         "model": mcfg.model_dump(mode="json"),
         "text_dim": text_dim,
+        "descriptor_quantiles": (fit_descriptor_scaler(files, pcfg, filesystem).to_json()
+                                 if pcfg.descriptor_weight > 0 else None),
         "train_rows": n_train,
         "has_eval": "eval" in datasets,
         "mlflow": {"uri": mlflow_uri, "run_id": mlflow_run_id} if mlflow_uri and mlflow_run_id else None,

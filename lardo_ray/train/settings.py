@@ -91,6 +91,11 @@ class PretrainConfig(Section):
     eval_every_steps: int = Field(default=500, ge=0, description="evaluate every N optimizer steps; 0 = per epoch only")
     log_every_steps: int = Field(default=10, ge=1, description="report training metrics every N optimizer steps")
     seed: int = Field(default=0, description="seed of model init, shuffling and the eval split")
+    descriptor_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of an auxiliary loss beside InfoNCE: the graph embedding regresses "
+        "the molecule's dsm descriptors (each mapped through its empirical CDF; GraphMVP/KPGT-style). Needs "
+        "featurize.dsm_targets; 0 = contrastive only",
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="optional DeepSpeed engine")
     checkpoint_every_steps: int = Field(
         default=1_000, ge=0, description="checkpoint every N optimizer steps; 0 = at the end of every epoch only"

@@ -86,3 +86,36 @@ def test_embed_once_per_description(ray_local, tmp_path):
     assert abs(float(np.linalg.norm(vecs[0])) - 1.0) < 1e-4
     # the summary says how distinct the texts are: 2 distinct of 8 rows (two are null)
     assert s.extra["text_distinct"] == 0.25 and 0.0 < s.extra["text_mean_cosine"] < 1.0
+
+
+def test_featurize_carries_the_dsm_descriptors_of_each_row(ray_local, tmp_path):
+    """dsm -> describe (rules) -> embed -> featurize with featurize.dsm_targets: each row's vector holds the
+    dsm stage's values for that molecule, in the registry's order, and no kept input column (a label)."""
+    from lardo_ray.stages.describe import run_describe
+
+    lines = (SAMPLE / "zinc_sample.csv").read_text().splitlines()[:81]
+    inp = tmp_path / "in.csv"
+    inp.write_text("\n".join([lines[0] + ",label"] + [f"{s},{i % 2}" for i, s in enumerate(lines[1:])]) + "\n")
+    cfg = _cfg(tmp_path, f"input.path={inp}", "input.keep_columns=[label]", "describe.backend=rules",
+               "featurize.dsm_targets=true")
+    run_dsm(cfg)
+    run_describe(cfg)
+    run_embed(cfg)
+    feat = run_featurize(cfg)
+    assert feat.reconciled and feat.n_written == 80 and feat.chunks_total == 2
+    got = pq.read_table(str(tmp_path / "out" / "featurize" / "data"), columns=[schema.MOL_ID, schema.DSM_TARGETS])
+    dsm = pq.read_table(str(tmp_path / "out" / "dsm" / "data")).to_pandas().set_index(schema.MOL_ID)
+    names = ["MolLogP", "MolWt", "TPSA"]  # dsm.descriptors in _cfg, in the registry's order
+    from lardo_ray.chem.descriptors import resolve_descriptor_names
+
+    assert resolve_descriptor_names(names) == names
+    for mol_id, vec in zip(got.column(0).to_pylist(), got.column(1).to_pylist()):
+        assert np.allclose(vec, dsm.loc[mol_id, names].to_numpy(dtype=np.float32)), mol_id
+
+
+def test_featurize_dsm_targets_needs_a_finished_dsm_stage(tmp_path):
+    up = StageOutput(str(tmp_path / "out" / "embed"))
+    up.prepare()
+    up.write_manifest({"status": "complete", "chunks": [], "config_hash": "x", "input_fingerprint": "y"})
+    with pytest.raises(ConfigError, match="featurize.dsm_targets reads the dsm stage"):
+        run_featurize(_cfg(tmp_path, "featurize.dsm_targets=true"))

@@ -348,9 +348,54 @@ def test_low_precision_pretraining_exports_fp32_that_fine_tunes(ray_local, featu
     assert res.encoder_sha256 == EncoderSource.from_dir(export).sha256
 
 
+def _add_dsm_targets(featurize_dir: Path) -> None:
+    """Give every shard a dsm_targets column (5 RDKit descriptors), as featurize.dsm_targets writes it."""
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    fns = dict(Descriptors.descList)
+    for f in sorted((featurize_dir / "data").glob("*.parquet")):
+        t = pq.read_table(f)
+        X = [[float(fns[n](Chem.MolFromSmiles(s))) for n in ("MolWt", "MolLogP", "TPSA", "NumHDonors", "RingCount")]
+             for s in t.column(schema.CANONICAL_SMILES).to_pylist()]
+        pq.write_table(t.append_column(schema.DSM_TARGETS, pa.array(X, pa.list_(pa.float32()))), f)
+
+
+def test_descriptor_loss_trains_on_two_deepspeed_workers(ray_local, featurized, tmp_path):
+    """pretrain.descriptor_weight through Ray Train: every worker scales the targets with the driver's CDFs,
+    the descriptor loss falls, MLflow has it, and the export is the encoder alone (it fine-tunes as before)."""
+    from safetensors.torch import load_file
+
+    from lardo_ray.stages.pretrain import run_pretrain
+
+    out = _out_dir(tmp_path, featurized)
+    _add_dsm_targets(out / "featurize")
+    client = _mlflow_client(out)
+    cfg = _cfg(out, "featurize.dsm_targets=true", "pretrain.descriptor_weight=1.0", "pretrain.epochs=6")
+    result = run_pretrain(cfg)
+    m = result.final_metrics
+    assert math.isfinite(m["train_loss_descriptors"]) and math.isfinite(m["train_loss_contrastive"])
+    hist = [v for _, v in _history(client, result.mlflow_run_id, "train_loss_descriptors")]
+    assert len(hist) >= 3 and np.mean(hist[-2:]) < 0.6 * hist[0], hist
+    assert m["eval_top1"] > 3 * m["eval_chance_top1"]  # still contrastive
+    heads = load_file(str(Path(result.export_dir) / "heads.safetensors"))
+    assert heads and not any("descriptor" in k for k in heads)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checks before any work (no Ray needed)
 # ---------------------------------------------------------------------------------------------------------
+def test_descriptor_loss_without_targets_is_refused_before_training(featurized, tmp_path):
+    from lardo_ray.stages.pretrain import run_pretrain
+
+    out = _out_dir(tmp_path, featurized)
+    _mlflow_client(out)
+    with pytest.raises(ConfigError, match=r"lacks column\(s\) \['dsm_targets'\].*featurize.dsm_targets=true"):
+        run_pretrain(_cfg(out, "featurize.dsm_targets=true", "pretrain.descriptor_weight=1.0"))
+    with pytest.raises(ConfigError, match="featurize.dsm_targets: true"):
+        _cfg(out, "pretrain.descriptor_weight=1.0")  # the config alone already says why
+
+
 def test_needs_complete_featurize_output(tmp_path):
     from lardo_ray.stages.pretrain import run_pretrain
 

@@ -256,3 +256,98 @@ def test_deepspeed_zero2_fp32_on_cpu(tmp_path, data, single_process_env):
 
 def _train_batches_micro(train: pa.Table, micro: int):
     return lambda epoch: iter_table_batches(train, micro, shuffle=True, seed=epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The descriptor loss (pretrain.descriptor_weight): targets, the masked MSE, and that the loop learns them
+# ---------------------------------------------------------------------------------------------------------
+def test_descriptor_scaler_matches_scikit_learns_cdf_and_masks_useless_columns():
+    from sklearn.preprocessing import QuantileTransformer
+
+    from lardo_ray.train.loop import DescriptorScaler
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.lognormal(3, 2, 500),  # heavy tail
+                         rng.integers(0, 4, 500).astype(float),  # counts: ties
+                         np.full(500, 7.0),  # constant: teaches nothing
+                         np.full(500, np.nan),  # never computed
+                         rng.normal(size=500)])
+    X[rng.random(500) < 0.1, 4] = np.nan
+    scaler = DescriptorScaler.fit(X, n_quantiles=200)
+    out = scaler.transform(X)
+    assert out.dtype == np.float32 and out.shape == X.shape
+    assert list(scaler.usable) == [True, True, False, False, True]
+    assert np.isnan(out[:, 2]).all() and np.isnan(out[:, 3]).all()
+    ref = QuantileTransformer(n_quantiles=200, subsample=10**9).fit(X[:, [0, 1]]).transform(X[:, [0, 1]])
+    assert np.allclose(out[:, :2], ref, atol=1e-6)
+    assert np.array_equal(np.isnan(out[:, 4]), np.isnan(X[:, 4]))  # a missing value stays missing (masked)
+    assert 0.0 <= np.nanmin(out) and np.nanmax(out) <= 1.0
+    again = DescriptorScaler.from_json(scaler.to_json())  # what the driver sends every worker
+    assert np.array_equal(again.transform(X), out, equal_nan=True)
+
+
+def test_masked_mse_ignores_missing_targets():
+    from lardo_ray.models.contrastive import masked_mse
+
+    pred = torch.tensor([[1.0, 5.0], [0.0, 2.0]])
+    target = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
+    assert float(masked_mse(pred, target)) == pytest.approx((1 + 0 + 4) / 3)
+    assert float(masked_mse(pred, torch.full_like(pred, float("nan")))) == 0.0
+
+
+def _with_targets(table: pa.Table) -> pa.Table:
+    fns = dict(Descriptors.descList)
+    X = np.array([[fns[n](Chem.MolFromSmiles(s)) for n in DESCRIPTORS]
+                  for s in table.column(schema.CANONICAL_SMILES).to_pylist()], dtype=np.float32)
+    return table.append_column(schema.DSM_TARGETS, pa.array(list(X), pa.list_(pa.float32())))
+
+
+def test_descriptor_loss_is_learned_beside_infonce_and_the_head_is_not_exported(tmp_path, data):
+    from lardo_ray.models.gine import load_encoder
+    from lardo_ray.train.loop import DescriptorScaler
+
+    train, held_out = (_with_targets(t) for t in data)
+    X = np.array(train.column(schema.DSM_TARGETS).to_pylist())
+    scaler = DescriptorScaler.fit(X)
+    mcfg, pcfg = _cfgs(epochs=20, descriptor_weight=1.0)
+    events = []
+    trainer = Trainer(build_model(mcfg, seed=0, n_descriptors=len(DESCRIPTORS)), pcfg,
+                      estimate_total_steps(train.num_rows, pcfg), callbacks=[events.append], descriptor_scaler=scaler)
+    batch = trainer.collate(train.slice(0, BATCH))
+    assert batch.targets is not None and batch.targets.shape == (BATCH, len(DESCRIPTORS))
+    trainer.fit(_train_batches(train))
+    logs = [e.metrics for e in events if e.kind == "train"]
+    first, last = logs[0], logs[-1]
+    assert last["train_loss_descriptors"] < 0.5 * first["train_loss_descriptors"]
+    assert last["train_loss_contrastive"] < first["train_loss_contrastive"]
+    assert last["train_loss"] == pytest.approx(last["train_loss_contrastive"] + last["train_loss_descriptors"], rel=1e-4)
+    # the trained head predicts held-out molecules' descriptors better than the training means do
+    trainer.module.eval()
+    ev = trainer.collate(held_out)
+    with torch.no_grad():
+        pred = trainer.module(ev.graphs, ev.text, descriptors=True)[3]
+    from lardo_ray.models.contrastive import masked_mse
+
+    means = torch.from_numpy(np.nanmean(scaler.transform(X), axis=0)).expand_as(ev.targets)
+    assert float(masked_mse(pred, ev.targets)) < 0.6 * float(masked_mse(means, ev.targets))
+    # fine-tuning starts from the encoder alone: the export has no descriptor head
+    trainer.export(tmp_path / "export")
+    from safetensors.torch import load_file
+
+    assert not any("descriptor" in k for k in load_file(str(tmp_path / "export" / "heads.safetensors")))
+    enc = load_encoder(tmp_path / "export")
+    assert torch.allclose(enc(ev.graphs), trainer.module.graph_encoder(ev.graphs), atol=1e-6)
+
+
+def test_descriptor_weight_zero_ignores_targets_and_a_model_without_head_is_refused(data):
+    train, _ = (_with_targets(t) for t in data)
+    mcfg, pcfg = _cfgs(epochs=1)
+    from lardo_ray.train.loop import DescriptorScaler
+
+    scaler = DescriptorScaler.fit(np.array(train.column(schema.DSM_TARGETS).to_pylist()))
+    plain = Trainer(build_model(mcfg, seed=0), pcfg, 10, descriptor_scaler=scaler)
+    inputs = plain.collate(train.slice(0, BATCH))
+    assert inputs.targets is None and "loss_descriptors" not in plain.train_step(inputs)
+    _, weighted = _cfgs(epochs=1, descriptor_weight=0.5)
+    with pytest.raises(ValueError, match="n_descriptors"):
+        Trainer(build_model(mcfg, seed=0), weighted, 10, descriptor_scaler=scaler)
