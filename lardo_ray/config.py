@@ -104,7 +104,8 @@ class PipelineSection(Section):
         "column is kept) with the model the run registered, into <output_dir>/predict (the demo's last step)")
     method_name: str | None = Field(
         default=None, description="method label of the pre-trained encoder in compare; None = what wrote its text "
-        "(describe.text_writer_label: 'rules', 'llm:smollm2', or 'llm:smollm2x8+rules' for an LLM slice)")
+        "(describe.text_writer_label: 'rules', 'llm:smollm2', or 'llm:smollm2x8+rules' for an LLM slice), then "
+        "'_dsmreg' with pretrain.descriptor_weight > 0 and '+dsm' with finetune.dsm_features (scratch too)")
 
 
 class AblationConfig(Section):

@@ -1,6 +1,6 @@
 """A Ray Serve application over a registered lardo_ray model: the same numbers as `lardo-ray predict`.
 
-    serve run lardo_ray.serve:app model=models:/bbbp-rules/1 [tracking_uri=sqlite:///outputs/demo/mlflow.db]
+    serve run lardo_ray.serve:app model=models:/bbbp-rules_dsm/1 [tracking_uri=sqlite:///outputs/demo/mlflow.db]
     (or LARDO_MODEL_URI / MLFLOW_TRACKING_URI in the environment; `serve run configs/serve.yaml` on a cluster)
 
 POST / with ``{"smiles": ["CCO", ...]}`` answers ``{"model": ..., "predictions": [{"pred_<target>": p,

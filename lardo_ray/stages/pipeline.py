@@ -119,7 +119,6 @@ def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> GridRes
     """The pipeline's fine-tune: its own encoder (or finetune.encoder) against scratch and the baselines."""
     from lardo_ray import fs
     from lardo_ray.finetune.model import EncoderResolveError
-    from lardo_ray.llm.settings import text_writer_label
     from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
 
     try:
@@ -128,11 +127,28 @@ def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> GridRes
         # The method then fails in the grid (named in the summary and in MLflow); scratch still runs.
         log.error("pipeline: %s", e)
         encoder = fs.join(cfg.stage_dir("pretrain"), "encoder")
-    methods: list[tuple[str, Any]] = [(cfg.pipeline.method_name or text_writer_label(cfg.describe), encoder)]
+    methods: list[tuple[str, Any]] = [(pretrained_method_label(cfg), encoder)]
     if cfg.pipeline.scratch_baseline:
-        methods.append(("scratch", None))
+        methods.append(("scratch" + head_suffix(cfg), None))
     methods += [baseline_method(kind) for kind in cfg.finetune.baselines]
     return run_finetune_grid(cfg, methods)
+
+
+def head_suffix(cfg: PipelineConfig) -> str:
+    """'+dsm' when the fine-tune head also reads the molecule's descriptors (the grid's naming)."""
+    return "+dsm" if cfg.finetune.dsm_features != "none" else ""
+
+
+def pretrained_method_label(cfg: PipelineConfig) -> str:
+    """The pre-trained method's name in compare and the registry, saying what it is: what wrote its text
+    (``rules``, ``llm:smollm2x64+rules``), ``_dsmreg`` when pre-training also regressed the descriptors, and
+    ``+dsm`` when the head reads them; ``pipeline.method_name`` replaces it whole."""
+    from lardo_ray.llm.settings import text_writer_label
+
+    if cfg.pipeline.method_name:
+        return cfg.pipeline.method_name
+    reg = "_dsmreg" if cfg.pretrain.descriptor_weight > 0 else ""
+    return text_writer_label(cfg.describe) + reg + head_suffix(cfg)
 
 
 def compare_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> CompareResult:
@@ -143,10 +159,9 @@ def compare_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> CompareR
 
 def predict_with_registered(cfg: PipelineConfig, result: PipelineResult) -> StageSummary | None:
     """Score ``pipeline.predict_input`` with the pre-trained method's registered seed ensemble."""
-    from lardo_ray.llm.settings import text_writer_label
     from lardo_ray.stages.lifecycle import run_stage
 
-    method = cfg.pipeline.method_name or text_writer_label(cfg.describe)
+    method = pretrained_method_label(cfg)
     try:
         ft = result.stages["finetune"].get(cfg.finetune.dataset, method)
     except KeyError:

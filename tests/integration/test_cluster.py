@@ -174,7 +174,7 @@ def test_ray_job_submit_pipeline_demo_config(head, tmp_path):
         assert (out / stage).is_dir(), f"no {stage} output\n{log[-3000:]}"
     assert "pipeline summary" in log
     # the demo's last step: a few drugs scored with the model the run registered, one refused with its reason
-    assert "== predictions (models:/bbbp-rules/1" in log and "caffeine" in log and "(1 refused" in log, log[-3000:]
+    assert "== predictions (models:/bbbp-rules_dsm/1" in log and "caffeine" in log and "(1 refused" in log, log[-3000:]
     assert len(list((out / "predict" / "data").glob("*.parquet"))) == 1
     names = {r.data.tags.get("mlflow.runName") for r in _mlflow_runs(db, "job_pipeline")}
     assert {"dsm", "describe", "pretrain"} & {n.split(":")[-1].split("/")[-1] for n in names if n}, names

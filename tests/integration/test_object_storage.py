@@ -91,7 +91,8 @@ def test_pipeline_on_s3_finetunes_the_pretrained_encoder_beside_scratch(s3, s3_p
     # Both methods were fine-tuned: the pre-trained encoder is found in S3, not skipped.
     table = r.stdout[r.stdout.index("| Dataset"):]
     header = table.splitlines()[0]
-    assert " rules |" in header and "scratch" in header, table  # the method says what wrote its text
+    # the method says what wrote its text, and that the head reads the descriptors (the demo's default)
+    assert " rules+dsm |" in header and " scratch+dsm |" in header, table
     # and the paired bootstrap of the pre-trained encoder against the baseline, read back from the runs' artifacts in the bucket
     assert "95 % interval" in r.stdout and "run1/compare/comparison_bootstrap.csv" in keys
     fs = s3fs_of(s3)
@@ -110,7 +111,7 @@ def test_mlflow_artifacts_live_in_the_bucket(s3, s3_pipeline, mlflow_on_s3):
     assert any(k.endswith("compare/comparison.png") for k in keys)
     client = mlflow.MlflowClient(mlflow_on_s3.uri)
     exp = client.get_experiment_by_name("s3_pipeline")
-    runs = client.search_runs([exp.experiment_id], "tags.`lardo.method` = 'rules'")
+    runs = client.search_runs([exp.experiment_id], "tags.`lardo.method` = 'rules+dsm'")
     parent = [x for x in runs if not x.data.tags.get("lardo.seed")]
     assert parent and parent[0].info.status == "FINISHED"
     # the fine-tune started from exactly the tensors exported to S3
