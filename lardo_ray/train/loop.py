@@ -63,7 +63,7 @@ class Inputs:
     text: torch.Tensor | dict[str, torch.Tensor]
     num_rows: int
     text_keys: torch.Tensor | None = None  # int64 per row, equal for equal descriptions (multi-positive InfoNCE)
-    targets: torch.Tensor | None = None  # (B, n_descriptors) in [0, 1], NaN where unknown (descriptor loss)
+    targets: torch.Tensor | None = None  # (B, n_descriptors) standardised CDF values, NaN where unknown (descriptor loss)
 
     def to(self, device: torch.device | str) -> Inputs:
         text = {k: v.to(device) for k, v in self.text.items()} if isinstance(self.text, dict) else self.text.to(device)
@@ -73,10 +73,14 @@ class Inputs:
 
 
 class DescriptorScaler:
-    """Each descriptor's empirical CDF, fitted on a sample of the training rows: values -> [0, 1], so ~200
-    descriptors on scales from 0.01 to 10^4 weigh alike in one MSE (the fine-tune head's normalisation,
-    finetune.data.fit_descriptor_normaliser, in numpy so that workers need no scikit-learn object).
-    Constant or never-computed descriptors are masked (NaN targets): they teach nothing."""
+    """Each descriptor's empirical CDF, fitted on a sample of the training rows, then centred and scaled to
+    unit variance ((u - 0.5) * sqrt(12) for the CDF value u): ~200 descriptors on scales from 0.01 to 10^4
+    weigh alike in one MSE, and predicting the mean scores 1, so ``pretrain.descriptor_weight`` reads against
+    InfoNCE's ~log(batch). The CDF is the fine-tune head's (finetune.data.fit_descriptor_normaliser), in numpy
+    so that workers need no scikit-learn object. Constant or never-computed descriptors are masked (NaN
+    targets): they teach nothing."""
+
+    SCALE = math.sqrt(12.0)  # the standard deviation of a uniform [0, 1] variable is 1 / sqrt(12)
 
     def __init__(self, quantiles: np.ndarray):
         self.quantiles = np.asarray(quantiles, dtype=np.float64)  # (n_quantiles, n_descriptors)
@@ -106,7 +110,7 @@ class DescriptorScaler:
             # both directions averaged, as scikit-learn's QuantileTransformer: ties (counts) land mid-plateau
             v = 0.5 * (np.interp(x, q, r) - np.interp(-x, -q[::-1], -r[::-1]))
             v = np.where(x <= q[0], 0.0, np.where(x >= q[-1], 1.0, v))  # the ends as scikit-learn pins them
-            out[:, j] = np.where(np.isfinite(x), v, np.nan)
+            out[:, j] = np.where(np.isfinite(x), (v - 0.5) * self.SCALE, np.nan)
         return out
 
     def to_json(self) -> list[list[float | None]]:

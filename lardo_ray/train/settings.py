@@ -93,7 +93,8 @@ class PretrainConfig(Section):
     seed: int = Field(default=0, description="seed of model init, shuffling and the eval split")
     descriptor_weight: float = Field(
         default=0.0, ge=0.0, description="weight of an auxiliary loss beside InfoNCE: the graph embedding regresses "
-        "the molecule's dsm descriptors (each mapped through its empirical CDF; GraphMVP/KPGT-style). Needs "
+        "the molecule's dsm descriptors (each through its empirical CDF, unit variance: the mean predictor scores 1; "
+        "GraphMVP/KPGT-style). Needs "
         "featurize.dsm_targets; 0 = contrastive only",
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="optional DeepSpeed engine")

@@ -279,9 +279,10 @@ def test_descriptor_scaler_matches_scikit_learns_cdf_and_masks_useless_columns()
     assert list(scaler.usable) == [True, True, False, False, True]
     assert np.isnan(out[:, 2]).all() and np.isnan(out[:, 3]).all()
     ref = QuantileTransformer(n_quantiles=200, subsample=10**9).fit(X[:, [0, 1]]).transform(X[:, [0, 1]])
-    assert np.allclose(out[:, :2], ref, atol=1e-6)
+    assert np.allclose(out[:, :2] / np.sqrt(12) + 0.5, ref, atol=1e-6)  # the CDF, centred, unit variance
     assert np.array_equal(np.isnan(out[:, 4]), np.isnan(X[:, 4]))  # a missing value stays missing (masked)
-    assert 0.0 <= np.nanmin(out) and np.nanmax(out) <= 1.0
+    assert np.allclose(np.nanmean(out[:, [0, 4]], axis=0), 0.0, atol=0.01)
+    assert np.allclose(np.nanvar(out[:, [0, 4]], axis=0), 1.0, atol=0.02)  # predicting the mean scores 1
     again = DescriptorScaler.from_json(scaler.to_json())  # what the driver sends every worker
     assert np.array_equal(again.transform(X), out, equal_nan=True)
 
