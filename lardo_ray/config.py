@@ -166,6 +166,19 @@ class TrackingConfig(Section):
     experiment: str = "lardo_ray"
 
 
+# section -> {key: default} of keys added after outputs were written with the section: hashing them only when
+# set keeps a stage's earlier outputs resumable (a new key at its default changes nothing the stage does).
+KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
+    "featurize": {"dsm_targets": False},
+    "pretrain": {"descriptor_weight": 0.0},
+}
+
+
+def without_later_defaults(section: str, dumped: dict[str, Any]) -> dict[str, Any]:
+    later = KEYS_ADDED_LATER.get(section, {})
+    return {k: v for k, v in dumped.items() if not (k in later and v == later[k])}
+
+
 class PipelineConfig(Section):
     """The root: one section per stage. Later stages add their sections here."""
 
@@ -212,8 +225,13 @@ class PipelineConfig(Section):
         return f"{self.run.output_dir.rstrip('/')}/{stage}"
 
     def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections: a stage's outputs are only reused under the same settings."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        """Hash of the named sections: a stage's outputs are only reused under the same settings.
+
+        Keys added after outputs existed are left out while at their default (KEYS_ADDED_LATER), so those
+        outputs stay resumable. featurize with dsm_targets also hashes the dsm section it joins."""
+        payload = {s: without_later_defaults(s, getattr(self, s).model_dump(mode="json")) for s in sections}
+        if "featurize" in sections and self.featurize.dsm_targets:
+            payload["dsm_joined"] = self.dsm.model_dump(mode="json")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -101,8 +101,10 @@ class PretrainResult:
 def config_hash(cfg: PipelineConfig) -> str:
     import hashlib
 
+    from lardo_ray.config import without_later_defaults
+
     payload = {"model": cfg.model.model_dump(mode="json"),
-               "pretrain": cfg.pretrain.model_dump(mode="json", exclude=OPERATIONAL)}
+               "pretrain": without_later_defaults("pretrain", cfg.pretrain.model_dump(mode="json", exclude=OPERATIONAL))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -73,12 +73,15 @@ class Inputs:
 
 
 class DescriptorScaler:
-    """Each descriptor's empirical CDF, fitted on a sample of the training rows, then centred and scaled to
-    unit variance ((u - 0.5) * sqrt(12) for the CDF value u): ~200 descriptors on scales from 0.01 to 10^4
-    weigh alike in one MSE, and predicting the mean scores 1, so ``pretrain.descriptor_weight`` reads against
-    InfoNCE's ~log(batch). The CDF is the fine-tune head's (finetune.data.fit_descriptor_normaliser), in numpy
-    so that workers need no scikit-learn object. Constant or never-computed descriptors are masked (NaN
-    targets): they teach nothing."""
+    """Each descriptor's empirical CDF, fitted on a sample of the training rows, then centred and scaled
+    ((u - 0.5) * sqrt(12) for the CDF value u): ~200 descriptors on scales from 0.01 to 10^4 weigh alike in
+    one MSE. A continuous descriptor gets mean 0 and variance 1, so predicting the mean scores 1 and
+    ``pretrain.descriptor_weight`` reads against InfoNCE's ~log(batch). Counts that are mostly 0 (the fr_*
+    groups) are pinned at the CDF's ends as scikit-learn pins them, so for them a constant scores more (about
+    3 for a count that is 0 in 95 % of molecules) until the head has learned their offset. The CDF is the
+    fine-tune head's (finetune.data.fit_descriptor_normaliser), in numpy so that workers need no
+    scikit-learn object. Constant or never-computed descriptors are masked (NaN targets): they teach
+    nothing."""
 
     SCALE = math.sqrt(12.0)  # the standard deviation of a uniform [0, 1] variable is 1 / sqrt(12)
 

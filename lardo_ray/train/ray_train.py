@@ -184,7 +184,8 @@ def count_rows(files: list[str], cfg: PretrainConfig, filesystem=None) -> tuple[
 
 def fit_descriptor_scaler(files: list[str], cfg: PretrainConfig, filesystem=None, max_rows: int = 20_000):
     """The descriptor targets' CDFs from up to ``max_rows`` training rows (the first shards; inputs come in
-    no particular order), so every worker maps descriptors to [0, 1] the same way."""
+    no particular order), so every worker maps descriptors the same way. Empty shards are skipped; no row,
+    or no descriptor that varies, is a ConfigError (the loss would silently be 0)."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -195,14 +196,18 @@ def fit_descriptor_scaler(files: list[str], cfg: PretrainConfig, filesystem=None
         t = pq.read_table(f, columns=[schema.MOL_ID, schema.DSM_TARGETS], filesystem=filesystem)
         train = ~held_out_mask(t.column(schema.MOL_ID).to_pylist(), cfg.eval_fraction, cfg.seed)
         rows = [v for v, keep in zip(t.column(schema.DSM_TARGETS).to_pylist(), train) if keep and v is not None]
-        parts.append(np.array(rows, dtype=np.float64).reshape(len(rows), -1))
-        n += len(rows)
+        if rows:
+            parts.append(np.asarray(rows, dtype=np.float64))
+            n += len(rows)
         if n >= max_rows:
             break
-    X = np.concatenate(parts)[:max_rows]
-    if not len(X):
+    if not parts:
         raise ConfigError("pretrain.descriptor_weight: no training row has dsm_targets")
-    return DescriptorScaler.fit(X)
+    scaler = DescriptorScaler.fit(np.concatenate(parts)[:max_rows])
+    if not scaler.usable.any():
+        raise ConfigError("pretrain.descriptor_weight: no descriptor varies over the training rows' dsm_targets "
+                          "(all constant or missing): the descriptor loss would be 0")
+    return scaler
 
 
 def text_dim_of(files: list[str], filesystem=None) -> int:

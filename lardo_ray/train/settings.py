@@ -93,7 +93,8 @@ class PretrainConfig(Section):
     seed: int = Field(default=0, description="seed of model init, shuffling and the eval split")
     descriptor_weight: float = Field(
         default=0.0, ge=0.0, description="weight of an auxiliary loss beside InfoNCE: the graph embedding regresses "
-        "the molecule's dsm descriptors (each through its empirical CDF, unit variance: the mean predictor scores 1; "
+        "the molecule's dsm descriptors (each through its empirical CDF, centred and scaled to unit variance for a "
+        "continuous descriptor; "
         "GraphMVP/KPGT-style). Needs "
         "featurize.dsm_targets; 0 = contrastive only",
     )

@@ -82,3 +82,26 @@ def test_paper_preset_holds_the_published_settings():
     assert cfg.describe.model == "mistralai/Mistral-7B-Instruct-v0.2"
     assert (cfg.finetune.split, cfg.finetune.epochs, cfg.finetune.lr_head, cfg.finetune.lr_encoder) == (
         "scaffold", 100, 5e-4, 1e-4)
+
+
+def test_keys_added_later_keep_earlier_outputs_resumable_and_the_joined_dsm_counts():
+    from lardo_ray.config import load_config
+    from lardo_ray.stages.pretrain import config_hash
+
+    base = load_config(None, [])
+    # at their defaults the new keys are not hashed: outputs written before they existed still resume
+    dumped = base.featurize.model_dump(mode="json")
+    assert "dsm_targets" in dumped
+    import hashlib
+    import json
+
+    old = {"featurize": {k: v for k, v in dumped.items() if k != "dsm_targets"}}
+    assert base.fingerprint("featurize") == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    on = load_config(None, ["featurize.dsm_targets=true"])
+    assert on.fingerprint("featurize") != base.fingerprint("featurize")
+    # with the join on, the dsm stage's descriptors are part of featurize's identity; without it they are not
+    fewer = ["dsm.descriptors=[MolLogP,TPSA]"]
+    assert load_config(None, ["featurize.dsm_targets=true", *fewer]).fingerprint("featurize") != on.fingerprint("featurize")
+    assert load_config(None, fewer).fingerprint("featurize") == base.fingerprint("featurize")
+    weighted = load_config(None, ["featurize.dsm_targets=true", "pretrain.descriptor_weight=1"])
+    assert config_hash(weighted) != config_hash(base) == config_hash(load_config(None, ["pretrain.descriptor_weight=0"]))

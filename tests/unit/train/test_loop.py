@@ -352,3 +352,26 @@ def test_descriptor_weight_zero_ignores_targets_and_a_model_without_head_is_refu
     _, weighted = _cfgs(epochs=1, descriptor_weight=0.5)
     with pytest.raises(ValueError, match="n_descriptors"):
         Trainer(build_model(mcfg, seed=0), weighted, 10, descriptor_scaler=scaler)
+
+
+def test_descriptor_scaler_fit_skips_empty_shards_and_refuses_targets_that_teach_nothing(tmp_path):
+    import pyarrow.parquet as pq
+
+    from lardo_ray.config_base import ConfigError
+    from lardo_ray.train.ray_train import fit_descriptor_scaler
+
+    def shard(name: str, rows: list[list[float]]) -> str:
+        path = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({schema.MOL_ID: [f"{name}{i}" for i in range(len(rows))],
+                                 schema.DSM_TARGETS: pa.array(rows, pa.list_(pa.float32()))}), path)
+        return path
+
+    pcfg = PretrainConfig(eval_fraction=0.0)
+    empty = shard("e", [])
+    varied = shard("v", [[float(i), 1.0] for i in range(50)])
+    scaler = fit_descriptor_scaler([empty, varied, empty], pcfg)
+    assert scaler.n_descriptors == 2 and list(scaler.usable) == [True, False]
+    with pytest.raises(ConfigError, match="no training row"):
+        fit_descriptor_scaler([empty], pcfg)
+    with pytest.raises(ConfigError, match="no descriptor varies"):
+        fit_descriptor_scaler([shard("c", [[3.0, float("nan")]] * 20)], pcfg)
