@@ -167,9 +167,8 @@ def collate(batch: Any, text_mode: Literal["embedding", "tokens"] = "embedding",
         keys = text_keys(d.encode() for d in descriptions)
     targets = None
     if scaler is not None:
-        col = table.column(schema.DSM_TARGETS)
-        raw = np.array(col.to_pylist(), dtype=np.float64)
-        if raw.ndim != 2 or raw.shape[1] != scaler.n_descriptors:
+        raw = embeddings_from_arrow(table.column(schema.DSM_TARGETS))  # the same list<float32> layout
+        if raw.shape[1] != scaler.n_descriptors:
             raise ValueError(f"{schema.DSM_TARGETS}: rows of {raw.shape[1:]} values, the scaler has "
                              f"{scaler.n_descriptors} descriptors (featurize and pretrain disagree)")
         targets = torch.from_numpy(scaler.transform(raw))

@@ -187,18 +187,19 @@ def fit_descriptor_scaler(files: list[str], cfg: PretrainConfig, filesystem=None
     no particular order), so every worker maps descriptors the same way. Empty shards are skipped; no row,
     or no descriptor that varies, is a ConfigError (the loss would silently be 0)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from lardo_ray.models.text import embeddings_from_arrow
     from lardo_ray.train.loop import DescriptorScaler
 
     parts, n = [], 0
     for f in files:
         t = pq.read_table(f, columns=[schema.MOL_ID, schema.DSM_TARGETS], filesystem=filesystem)
         train = ~held_out_mask(t.column(schema.MOL_ID).to_pylist(), cfg.eval_fraction, cfg.seed)
-        rows = [v for v, keep in zip(t.column(schema.DSM_TARGETS).to_pylist(), train) if keep and v is not None]
-        if rows:
-            parts.append(np.asarray(rows, dtype=np.float64))
-            n += len(rows)
+        if train.any():
+            parts.append(embeddings_from_arrow(t.column(schema.DSM_TARGETS).filter(pa.array(train))))
+            n += len(parts[-1])
         if n >= max_rows:
             break
     if not parts:
