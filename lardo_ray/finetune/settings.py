@@ -76,6 +76,13 @@ class FinetuneConfig(Section):
     lr_encoder: float = Field(
         default=1e-4, ge=0.0, description="learning rate of the pre-trained encoder (ignored when frozen)"
     )
+    lr_scales: list[float] = Field(
+        default_factory=lambda: [1.0], min_length=1,
+        description="learning rates chosen on validation: each seed is trained once per factor (lr_head and "
+        "lr_encoder both multiplied by it) and the run with the best validation score is the one tested, e.g. "
+        "[0.3, 1, 3] (three times the cost); [1.0] = the rates as given. The chosen factor is logged per seed "
+        "(metric lr_scale)",
+    )
     weight_decay: float = Field(default=1e-6, ge=0.0, description="Adam weight decay")
     freeze_encoder: bool = Field(
         default=False, description="true: linear/MLP probe on a frozen encoder; false: fine-tune everything"
@@ -150,6 +157,15 @@ class FinetuneConfig(Section):
         default_factory=lambda: RayResources(num_cpus=1.0),
         description="one Ray task per (dataset, seed) run: resources of each",
     )
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _scales_positive_distinct(cls, v: list[float]) -> list[float]:
+        if any(not x > 0 for x in v):
+            raise ValueError(f"lr_scales must be positive factors, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lr_scales must be distinct, got {v}")
+        return v
 
     @field_validator("split_sizes")
     @classmethod

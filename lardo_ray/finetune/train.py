@@ -137,6 +137,8 @@ class SeedResult:
     model: Any = None  # the tested PropertyModel, only with finetune_seed(keep_model=True)
     worker: str = ""  # host:pid of the process that trained it
     member: Any = None  # lardo_ray.models.saved.Member: the tested weights (finetune.save_models)
+    lr_scale: float = 1.0  # the factor of finetune.lr_scales whose run was tested (chosen on validation)
+    lr_valid: dict[float, float] = field(default_factory=dict)  # each factor's best validation score
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics of the child run (compare contract: test_<m>, valid_<m>, best_epoch ...)."""
@@ -145,8 +147,9 @@ class SeedResult:
             "best_epoch": float(self.best_epoch), "epochs_run": float(self.epochs_run),
             "stopped_early": float(self.stopped_early), "n_train": float(self.n_train),
             "n_valid": float(self.n_valid), "n_test": float(self.n_test), "n_params": float(self.n_params),
-            "n_trainable_params": float(self.n_trainable),
+            "n_trainable_params": float(self.n_trainable), "lr_scale": float(self.lr_scale),
         })  # fmt: skip
+        out.update({f"valid_at_lr_scale_{k:g}": float(v) for k, v in self.lr_valid.items()})
         out.update({k: float(v) for k, v in self.timing.items()})
         return out
 
@@ -182,6 +185,8 @@ def finetune_seed(
     device = resolve_device(ft.device)
     if ft.task_mode == "per_target" and data.n_tasks > 1:
         return _per_target_seed(cfg, seed, prepared, split, encoder, threads, verbose, t_start)
+    if len(ft.lr_scales) > 1:  # after the per-target split: each target chooses its own rate
+        return _lr_selected_seed(cfg, seed, prepared, split, encoder, threads, verbose, keep_model, t_start)
 
     D: torch.Tensor | None = None  # normalised descriptors of every molecule (dsm_features=all)
     normaliser = None
@@ -339,6 +344,36 @@ def finetune_seed(
     )
 
 
+def _lr_selected_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split: Split,
+                      encoder: EncoderSource | None, threads: int | None, verbose: bool, keep_model: bool,
+                      t_start: float) -> SeedResult:
+    """``finetune.lr_scales``: the seed trained once per factor (lr_head and lr_encoder both scaled, same init,
+    same shuffling), and the run with the best validation score tested. The test scores of the other runs
+    are never looked at: choosing among them on test would be tuning on test."""
+    ft = cfg.finetune
+    metric = ft.resolved_metric()
+    chosen: SeedResult | None = None
+    chosen_scale = 1.0
+    tried: dict[float, float] = {}
+    for scale in ft.lr_scales:
+        one = cfg.model_copy(update={"finetune": ft.model_copy(update={
+            "lr_scales": [1.0], "lr_head": ft.lr_head * scale, "lr_encoder": ft.lr_encoder * scale})})
+        r = finetune_seed(one, seed, prepared=prepared, split=split, encoder=encoder, threads=threads,
+                          verbose=verbose, keep_model=keep_model)
+        tried[float(scale)] = r.valid.value
+        if verbose:
+            log.info("finetune %s seed %d lr x%g: valid %s %.4f", r.dataset, seed, scale, metric, r.valid.value)
+        # a run whose validation could not be scored never wins over one that could
+        scored = r.selection == "best_valid"
+        if chosen is None or (scored and (chosen.selection != "best_valid"
+                                          or is_better(r.valid.value, chosen.valid.value, metric))):
+            chosen, chosen_scale = r, float(scale)
+    assert chosen is not None  # lr_scales has at least one entry (validated)
+    chosen.lr_scale, chosen.lr_valid = chosen_scale, tried
+    chosen.timing["seed_seconds"] = time.perf_counter() - t_start
+    return chosen
+
+
 def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, split: Split,
                      encoder: EncoderSource | None, threads: int | None, verbose: bool, t_start: float) -> SeedResult:
     """``task_mode=per_target``: one model per target, each trained on that target's labelled training rows and
@@ -404,6 +439,7 @@ def _per_target_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, spl
         test_index=test_idx, test_pred=test_pred.astype(np.float32), valid_pred=valid_pred.astype(np.float32),
         task_mode="per_target", device=first.device if first else "cpu", threads=first.threads if first else 1,
         worker=f"{socket.gethostname()}:{os.getpid()}", member=_per_target_member(seed, members, data.n_tasks, ft),
+        lr_scale=float(np.median([r.lr_scale for r in per_task])) if per_task else 1.0,  # each target chose its own
     )
 
 

@@ -88,6 +88,26 @@ def finetune_variant(cfg: PipelineConfig, suffix: str) -> dict[str, Any]:
         raise ConfigError(f"ablation.finetune_variants.{suffix}: {_format_validation_error(e)}") from None
 
 
+GridMethod = tuple[str, str | None] | tuple[str, str | None, dict[str, Any]]
+
+
+def grid_methods(cfg: PipelineConfig, encoded: list[tuple[str, str | None]],
+                 heads: dict[str, dict[str, Any]]) -> list[GridMethod]:
+    """Every encoder as the base config fine-tunes it, then once per fine-tune variant (label + suffix).
+    A base config whose head already reads the descriptors names its methods so (``+dsm``, as the pipeline
+    does), and the variants that keep that head too; a repeated label is refused by the grid, naming it."""
+    from lardo_ray.stages.pipeline import head_suffix
+
+    base = head_suffix(cfg)
+    methods: list[GridMethod] = [(label + base, enc) for label, enc in encoded]
+    for label, enc in encoded:
+        for suffix, ft_update in heads.items():
+            # a variant that keeps the base head says so too; one that changes it names it in its suffix
+            keeps = ft_update.get("dsm_features", cfg.finetune.dsm_features) == cfg.finetune.dsm_features
+            methods.append((label + (base if keeps else "") + suffix, enc, ft_update))
+    return methods
+
+
 def run_ablation(cfg: PipelineConfig) -> AblationResult:
     from lardo_ray.stages.compare import compare
     from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
@@ -133,11 +153,9 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
     if cfg.ablation.scratch:
         result.encoders["scratch"] = None
         encoded.append(("scratch", None))
-    methods: list[tuple[str, str | None] | tuple[str, str | None, dict[str, Any]]] = list(encoded)
-    for label, enc in encoded:
-        for suffix, ft_update in heads.items():
-            methods.append((label + suffix, enc, ft_update))
-            result.encoders[label + suffix] = enc
+    methods = grid_methods(cfg, encoded, heads)
+    for m in methods[len(encoded):]:
+        result.encoders[m[0]] = m[1]
     for kind in dict.fromkeys(cfg.ablation.baselines + cfg.finetune.baselines):
         methods.append(baseline_method(kind))
         result.encoders[kind] = None

@@ -123,7 +123,7 @@ class FinetuneResult:
                 for k, v in getattr(r, part).values.items():
                     row[f"{part}_{k}"] = v
             row.update({
-                "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "selection": r.selection,
+                "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "selection": r.selection, "lr_scale": r.lr_scale,
                 "train_seconds": r.timing.get("train_seconds"), "seconds_per_epoch": r.timing.get("seconds_per_epoch"),
                 "n_train": r.n_train, "n_valid": r.n_valid, "n_test": r.n_test, "split_hash": r.split_hash,
                 "run_id": self.child_run_ids.get(r.seed, ""),

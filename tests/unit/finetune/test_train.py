@@ -346,3 +346,29 @@ def test_dsm_features_reach_the_head():
     np.testing.assert_array_equal(other.test_pred[1:], r.test_pred[1:])
     plain = finetune_seed(cfg_of("finetune.limit=300", "finetune.epochs=2"), 0, prepared=prepared, split=split)
     assert not np.array_equal(plain.test_pred, r.test_pred)
+
+
+def test_lr_scales_test_the_run_with_the_best_validation_score():
+    base = ["finetune.limit=300", "finetune.epochs=3", "finetune.lr_head=1e-3", "finetune.lr_encoder=5e-4"]
+    cfg = cfg_of(*base, "finetune.lr_scales=[0.1, 1.0, 10.0]")
+    prepared = prepare_task(cfg.finetune)
+    split = split_for(prepared, cfg.finetune, 0)
+    chosen = finetune_seed(cfg, 0, prepared=prepared, split=split)
+    # each factor on its own: same seed, both rates scaled
+    alone = {s: finetune_seed(cfg_of(*base[:2], f"finetune.lr_head={1e-3 * s}", f"finetune.lr_encoder={5e-4 * s}"),
+                              0, prepared=prepared, split=split) for s in (0.1, 1.0, 10.0)}
+    assert chosen.lr_valid == pytest.approx({s: r.valid.value for s, r in alone.items()})
+    best = max(alone, key=lambda s: alone[s].valid.value)  # ROC-AUC: higher is better
+    assert len({r.valid.value for r in alone.values()}) > 1, "the factors must change the run for this to test anything"
+    assert chosen.lr_scale == best
+    np.testing.assert_array_equal(chosen.test_pred, alone[best].test_pred)  # the chosen run is the one tested
+    m = chosen.metrics()
+    assert m["lr_scale"] == best and m["valid_at_lr_scale_10"] == pytest.approx(alone[10.0].valid.value)
+
+
+@pytest.mark.parametrize("bad", ["[]", "[0.0, 1.0]", "[1.0, 1.0]"])
+def test_lr_scales_refused_at_load(bad):
+    from lardo_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_scales"):
+        cfg_of(f"finetune.lr_scales={bad}")

@@ -1,0 +1,23 @@
+"""The ablation grid's method labels say what the head reads, whatever the base config."""
+
+from __future__ import annotations
+
+from lardo_ray.config import load_config
+from lardo_ray.stages.ablation import grid_methods
+
+ENCODED = [("rules", "out/rules/pretrain/encoder"), ("scratch", None)]
+
+
+def test_base_methods_plain_and_variants_suffixed():
+    cfg = load_config(None, [])
+    methods = grid_methods(cfg, ENCODED, {"+dsm": {"dsm_features": "all"}})
+    assert [m[0] for m in methods] == ["rules", "scratch", "rules+dsm", "scratch+dsm"]
+    assert methods[2] == ("rules+dsm", "out/rules/pretrain/encoder", {"dsm_features": "all"})
+
+
+def test_a_base_head_with_descriptors_is_named_by_them():
+    cfg = load_config(None, ["finetune.dsm_features=all"])
+    methods = grid_methods(cfg, ENCODED, {"+lr": {"lr_scales": [0.3, 1.0, 3.0], "dsm_features": "all"},
+                                          "-nodsm": {"dsm_features": "none"}})
+    assert [m[0] for m in methods] == ["rules+dsm", "scratch+dsm", "rules+dsm+lr", "rules-nodsm",
+                                       "scratch+dsm+lr", "scratch-nodsm"]
