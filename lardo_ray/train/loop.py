@@ -355,11 +355,12 @@ class Trainer:
         return torch.device("cpu")
 
     # -- data ------------------------------------------------------------------------------------------------
-    def collate(self, batch: Any) -> Inputs | None:
+    def collate(self, batch: Any, targets: bool = True) -> Inputs | None:
+        """``targets=False``: no descriptor targets (retrieval evaluation never reads them)."""
         tok = None
         if self.module.text_mode == "tokens":
             tok = self.module.text_encoder.tokenize
-        inputs = collate(batch, self.module.text_mode, tok, self.descriptor_scaler)
+        inputs = collate(batch, self.module.text_mode, tok, self.descriptor_scaler if targets else None)
         return inputs.to(self.device) if inputs is not None else None
 
     def _autocast(self):
@@ -422,7 +423,7 @@ class Trainer:
         self.model.eval()
         gs, ts, ks, losses, n = [], [], [], [], 0
         for batch in batches:
-            inputs = self.collate(batch)
+            inputs = self.collate(batch, targets=False)
             if inputs is None:
                 continue
             with self._autocast():
