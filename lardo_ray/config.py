@@ -169,6 +169,7 @@ class TrackingConfig(Section):
 # section -> {key: default} of keys added after outputs were written with the section: hashing them only when
 # set keeps a stage's earlier outputs resumable (a new key at its default changes nothing the stage does).
 KEYS_ADDED_LATER: dict[str, dict[str, Any]] = {
+    "describe": {"rules_structure": False},
     "featurize": {"dsm_targets": False},
     "pretrain": {"descriptor_weight": 0.0},
 }

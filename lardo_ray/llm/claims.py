@@ -373,7 +373,9 @@ def _element_claims(text: str, f: MoleculeFacts) -> list[StructuralClaim]:
         sym = ELEMENTS[name]
         before = _clause_before(text, m.start())
         # "<quantity> [adjective] <element> [atoms]" right before, e.g. "3 nitrogen atoms", "no sulfur"
-        q = re.search(_QUANT + r"\s+(?:(?:additional|basic|aromatic|aliphatic|heavy|total|ring)\s+)?$", before, re.I)
+        # the quantity is a word of its own: "sp3 carbons" states no count of carbons
+        q = re.search(r"(?<![\w.-])" + _QUANT + r"\s+(?:(?:additional|basic|aromatic|aliphatic|heavy|total|ring)\s+)?$",
+                      before, re.I)
         neg = re.search(r"(?:^|\s)" + _NEG + r"\s+(?:any\s+)?$", before, re.I)
         after = text[m.end():m.end() + 12]
         if re.match(r"[\s-]*(?:-?containing|substituent|substituted|atom\s+of|ated|ine)", after, re.I):

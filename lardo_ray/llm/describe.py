@@ -132,7 +132,7 @@ class DescribeStage2:
             raise ValueError("DescribeStage2 needs a template (stage 1) unless variant == 'no_stage1'")
         self.template = template
         self.backend = backend if backend is not None else create_backend(cfg)
-        self.rules = self.backend if isinstance(self.backend, RulesBackend) else RulesBackend()
+        self.rules = self.backend if isinstance(self.backend, RulesBackend) else RulesBackend.from_config(cfg)
         self.builder = PromptBuilder(cfg.prompt_set, cfg.variant, template)
         self.sampling = cfg.sampling.for_stage(2)
         reg = registry()
@@ -279,7 +279,7 @@ class DescribeStage2:
                 if prepared.use_llm[i]:
                     row.before = self._check(row.text, prepared.values[i], prepared.extra["smiles"][i])
                 else:  # the rules writer states DSM values only: count them instead of re-parsing its text
-                    row.before = PostcheckResult(RulesBackend.stated(prepared.records[i]), 0)
+                    row.before = PostcheckResult(self.rules.stated(prepared.records[i]), 0)
         current = [row.before for row in rows]  # the post-check of each row's text as it stands
 
         if mode == "regenerate" and not isinstance(self.backend, RulesBackend):

@@ -187,6 +187,13 @@ class DescribeConfig(Section):
         ge=0,
         description="only this many molecules get the LLM, the rest the rules backend (demo); None = all",
     )
+    rules_structure: bool = Field(
+        default=False,
+        description="the rules writer also states the molecule's structure as RDKit computes it: formula, rings "
+        "(aromatic), functional groups by SMARTS (the post-check's and RDKit's fr_ patterns), stereocentres, "
+        "formal charge; every claim post-checkable and true by construction. Texts that differ where the "
+        "molecules do (method label rules_struct)",
+    )
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig, description="openai backend")
     vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="vllm backend")
     hf: HFBackendConfig = Field(default_factory=HFBackendConfig, description="hf backend")
@@ -203,8 +210,9 @@ class DescribeConfig(Section):
 def text_writer_label(cfg: DescribeConfig) -> str:
     """What wrote the pre-training text, as a method label: 'rules' (the rules writer, not an LLM),
     'llm:<model>' or, with an LLM slice, 'llm:<model>x<N>+rules'."""
+    rules = "rules_struct" if cfg.rules_structure else "rules"
     if cfg.backend == "rules":
-        return "rules"
+        return rules
     name = os.path.basename(str(cfg.model_name).rstrip("/")) or str(cfg.model_name)
     label = f"llm:{name}"
-    return f"{label}x{cfg.llm_slice}+rules" if cfg.llm_slice is not None else label
+    return f"{label}x{cfg.llm_slice}+{rules}" if cfg.llm_slice is not None else label

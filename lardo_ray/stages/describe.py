@@ -88,7 +88,7 @@ class DescribeCore:
 
         self.cfg = cfg.describe
         self.template = Template.model_validate_json(template_json)
-        self.rules_only = DescribeStage2(self.cfg, self.template, backend=RulesBackend())
+        self.rules_only = DescribeStage2(self.cfg, self.template, backend=RulesBackend.from_config(self.cfg))
         self.with_llm: DescribeStage2 | None = None
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -77,15 +77,17 @@ class RulesBackend(LLMBackend):
     name = "rules"
     uses_sampling = False
 
-    def __init__(self, model: str = RULES_VERSION, include_rationale: bool = False):
+    def __init__(self, model: str = RULES_VERSION, include_rationale: bool = False, structure: bool = False):
         # Rationales are the same for every molecule: they cost text-encoder tokens and tell molecules
         # apart not at all, so they are off by default.
-        super().__init__((model or RULES_VERSION) + ("+rationale" if include_rationale else ""))
+        super().__init__((model or RULES_VERSION) + ("+rationale" if include_rationale else "")
+                         + ("+structure" if structure else ""))
         self.include_rationale = include_rationale
+        self.structure = structure
 
     @classmethod
     def from_config(cls, cfg: DescribeConfig) -> "RulesBackend":
-        return cls(RULES_VERSION)
+        return cls(RULES_VERSION, structure=cfg.rules_structure)
 
     def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Generation]:
         msg = "the rules backend writes from structured inputs: call describe_batch(records)"
@@ -102,11 +104,13 @@ class RulesBackend(LLMBackend):
                 out.append(Generation.failed(f"{type(e).__name__}: {e}", time.perf_counter() - t0))
         return out
 
-    @staticmethod
-    def stated(record: DescribeRecord) -> int:
-        """The post-check's claim count for ``describe(record)`` without parsing it: the DSM values it states
-        of descriptors the post-check knows, all true by construction (tests/unit/llm/test_llm_postcheck_rules.py
-        checks the two agree), so bulk runs need not re-parse the text."""
+    def stated(self, record: DescribeRecord) -> int:
+        """The post-check's claim count for ``describe(record)`` without parsing all of it: the DSM values it
+        states of descriptors the post-check knows, all true by construction (tests/unit/llm/test_llm_postcheck_rules.py
+        checks the two agree), so bulk runs need not re-parse the text. With ``structure`` the text is checked
+        as an LLM's would be (its structural claims are read against RDKit truth for the SMILES)."""
+        if self.structure:
+            return check(self.describe(record), record.values, smiles=record.smiles).n_claims
         n = 0
         for prop in record.template.properties:
             for d in prop.descriptors:
@@ -154,4 +158,38 @@ class RulesBackend(LLMBackend):
             lines.append(f"Overall: the molecule meets {met} of the {judged} guide ranges, {verdict} {endpoint}.")
         else:
             lines.append(f"Overall: computed physicochemical profile relevant to {endpoint}.")
+        if self.structure:
+            text = structure_text(record.smiles)
+            if text:
+                lines.append(text)
         return "\n".join(lines)
+
+
+_RING_GROUPS = frozenset({"benzene", "pyridine", "pyrimidine", "imidazole", "pyrrole", "indole", "furan", "thiophene",
+                          "thiazole", "oxazole", "tetrazole", "piperidine", "piperazine", "morpholine", "pyrrolidine",
+                          "naphthalene", "quinoline", "epoxide"})
+
+
+def _plural(name: str, n: int) -> str:
+    return name if n == 1 else name + ("es" if name.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def structure_text(smiles: str) -> str | None:
+    """What RDKit says the molecule is made of, in words the post-check reads back: formula, rings, the
+    functional groups present (with counts, in the post-check's GROUPS order), stereocentres and charge.
+    A sentence encoder reads "LogP (Crippen): 2.58" almost alike for every molecule; groups and rings are
+    what tells two of them apart. None when RDKit cannot parse the SMILES."""
+    from lardo_ray.llm.claims import facts
+
+    f = facts(smiles)
+    if f is None:
+        return None
+    rings = f"{f.rings} ring" + ("" if f.rings == 1 else "s") + (f", {f.aromatic_rings} aromatic" if f.rings else "")
+    # "<n> <group> group(s)" / "ring(s)": the form the post-check reads as a count claim in a list
+    groups = [f"{n} {g} {_plural('ring' if g in _RING_GROUPS else 'group', n)}" for g, n in f.groups.items() if n > 0]
+    return "\n".join([
+        f"Structure: formula {f.formula}; {rings}.",
+        "Functional groups: " + (", ".join(groups) if groups else "none of the common ones") + ".",
+        f"Stereocentres: {f.stereocentres}. Net formal charge of "
+        + (f"{f.formal_charge:+d}." if f.formal_charge else "0."),
+    ])

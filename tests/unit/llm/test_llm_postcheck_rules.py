@@ -195,11 +195,31 @@ def test_rules_stated_count_is_what_the_postcheck_finds(card_name):
               "OC(=O)C1=CC=CC=C1C(F)(F)F", "C1CC2CCC1C2", "CCCCCCCCCCCCCCCC(=O)O"]
     names = tpl.descriptors()
     vals, _ = DescriptorCalculator(names).compute([Chem.MolFromSmiles(s) for s in smiles])
-    backend = RulesBackend()
+    backend, structured = RulesBackend(), RulesBackend(structure=True)
     for i, s in enumerate(smiles):
         values = dict(zip(names, map(float, vals[i])))
         if i == 0:
             values[names[0]] = float("nan")
         rec = DescribeRecord(smiles=s, messages=[], values=values, template=tpl)
         res = check(backend.describe(rec), values)
-        assert res.n_wrong == 0 and RulesBackend.stated(rec) == res.n_claims, (card_name, s, res.details)
+        assert res.n_wrong == 0 and backend.stated(rec) == res.n_claims, (card_name, s, res.details)
+        # with the structure lines: every structural claim read against RDKit truth, none wrong
+        text = structured.describe(rec)
+        full = check(text, values, smiles=s)
+        assert full.n_wrong == 0 and structured.stated(rec) == full.n_claims, (card_name, s, full.structural)
+        assert full.n_claims > res.n_claims + 2, text  # formula, rings, groups ... were stated and checked
+
+
+def test_structure_lines_tell_molecules_apart_and_never_state_a_wrong_group(records):
+    plain = RulesBackend().describe_batch(records, SamplingParams())
+    rich = RulesBackend(structure=True).describe_batch(records, SamplingParams())
+    assert RulesBackend(structure=True).model == "rules-v1+structure"
+    for r, p, g in zip(records, plain, rich):
+        assert g.text.startswith(p.text + "\nStructure: formula ")  # the template lines unchanged, then RDKit's
+        res = check(g.text, r.values, smiles=r.smiles)
+        assert res.n_wrong == 0, (g.text, [c for c in res.structural if c.ok is False])
+        assert any(c.kind == "functional_group" for c in res.structural) or "none of the common ones" in g.text
+    paracetamol = RulesBackend(structure=True).describe(
+        DescribeRecord(smiles="CC(=O)Nc1ccc(O)cc1", messages=[], values={}, template=generic_template()))
+    assert "1 amide group" in paracetamol and "1 phenol group" in paracetamol and "1 benzene ring" in paracetamol
+    assert "formula C8H9NO2" in paracetamol
