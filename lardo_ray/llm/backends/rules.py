@@ -4,7 +4,10 @@ It is the fallback when no LLM is available, the "without LLM" ablation, and the
 demo (``llm_slice``). The text follows the lardo stage-2 answer format (one ``<Property>: <value> - ...``
 line per template property, then ``Overall: ...``) and states only DSM values, so the post-check finds no
 wrong number in it (a rationale that itself contains a checkable number is left out to keep that true).
-The ``no_dsm`` variant does not apply: the rules always write from the DSM values.
+The ``no_dsm`` variant does not apply: the rules always write from the DSM values. With ``structure``
+(``describe.rules_structure``) three more lines state RDKit's structural facts of the molecule (formula,
+rings, functional groups, stereocentres, charge) in the words the post-check reads back, so those claims are
+checked against RDKit truth like an LLM's.
 """
 
 from __future__ import annotations
