@@ -163,8 +163,8 @@ class FinetuneConfig(Section):
     def _scales_positive_distinct(cls, v: list[float]) -> list[float]:
         if any(not x > 0 for x in v):
             raise ValueError(f"lr_scales must be positive factors, got {v}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"lr_scales must be distinct, got {v}")
+        if len({f"{x:g}" for x in v}) != len(v):  # as their metric names (valid_at_lr_scale_<x>) tell them apart
+            raise ValueError(f"lr_scales must be distinct (to 6 significant digits), got {v}")
         return v
 
     @field_validator("split_sizes")

@@ -149,9 +149,14 @@ class SeedResult:
             "n_valid": float(self.n_valid), "n_test": float(self.n_test), "n_params": float(self.n_params),
             "n_trainable_params": float(self.n_trainable), "lr_scale": float(self.lr_scale),
         })  # fmt: skip
-        out.update({f"valid_at_lr_scale_{k:g}": float(v) for k, v in self.lr_valid.items()})
+        out.update({f"valid_at_lr_scale_{lr_scale_name(k)}": float(v) for k, v in self.lr_valid.items()})
         out.update({k: float(v) for k, v in self.timing.items()})
         return out
+
+
+def lr_scale_name(scale: float) -> str:
+    """A factor as MLflow metric names allow it (no '+': 1e6 -> '1e06')."""
+    return f"{scale:g}".replace("+", "")
 
 
 def finetune_seed(
@@ -355,12 +360,14 @@ def _lr_selected_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, sp
     chosen: SeedResult | None = None
     chosen_scale = 1.0
     tried: dict[float, float] = {}
+    runs: dict[float, SeedResult] = {}
     for scale in ft.lr_scales:
         one = cfg.model_copy(update={"finetune": ft.model_copy(update={
             "lr_scales": [1.0], "lr_head": ft.lr_head * scale, "lr_encoder": ft.lr_encoder * scale})})
         r = finetune_seed(one, seed, prepared=prepared, split=split, encoder=encoder, threads=threads,
                           verbose=verbose, keep_model=keep_model)
         tried[float(scale)] = r.valid.value
+        runs[float(scale)] = r
         if verbose:
             log.info("finetune %s seed %d lr x%g: valid %s %.4f", r.dataset, seed, scale, metric, r.valid.value)
         # a run whose validation could not be scored never wins over one that could
@@ -369,7 +376,14 @@ def _lr_selected_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, sp
                                           or is_better(r.valid.value, chosen.valid.value, metric))):
             chosen, chosen_scale = r, float(scale)
     assert chosen is not None  # lr_scales has at least one entry (validated)
+    if chosen.selection != "best_valid" and 1.0 in runs:
+        # nothing could be scored (no or one-class validation rows): the rates as given, not the first factor
+        chosen, chosen_scale = runs[1.0], 1.0
+        log.warning("finetune %s seed %d: no learning-rate factor could be scored on validation; x1 is tested",
+                    chosen.dataset, seed)
     chosen.lr_scale, chosen.lr_valid = chosen_scale, tried
+    # the search's whole cost: every factor's training, not only the tested run's
+    chosen.timing["lr_search_train_seconds"] = sum(r.timing["train_seconds"] for r in runs.values())
     chosen.timing["seed_seconds"] = time.perf_counter() - t_start
     return chosen
 

@@ -276,7 +276,7 @@ class DescribeStage2:
             for i, row in enumerate(rows):
                 if row.text is None:
                     continue
-                if prepared.use_llm[i]:
+                if prepared.use_llm[i] or self.rules.structure:  # structure lines: checked as an LLM's are
                     row.before = self._check(row.text, prepared.values[i], prepared.extra["smiles"][i])
                 else:  # the rules writer states DSM values only: count them instead of re-parsing its text
                     row.before = PostcheckResult(self.rules.stated(prepared.records[i]), 0)

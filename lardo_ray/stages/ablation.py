@@ -154,8 +154,8 @@ def run_ablation(cfg: PipelineConfig) -> AblationResult:
         result.encoders["scratch"] = None
         encoded.append(("scratch", None))
     methods = grid_methods(cfg, encoded, heads)
-    for m in methods[len(encoded):]:
-        result.encoders[m[0]] = m[1]
+    for m in methods:  # the grid's labels in the summary too (seconds stay keyed by the variant)
+        result.encoders.setdefault(m[0], m[1])
     for kind in dict.fromkeys(cfg.ablation.baselines + cfg.finetune.baselines):
         methods.append(baseline_method(kind))
         result.encoders[kind] = None

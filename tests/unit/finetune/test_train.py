@@ -372,3 +372,11 @@ def test_lr_scales_refused_at_load(bad):
 
     with pytest.raises(ConfigError, match="lr_scales"):
         cfg_of(f"finetune.lr_scales={bad}")
+
+
+def test_lr_scales_without_validation_rows_test_the_rates_as_given():
+    cfg = cfg_of("finetune.limit=200", "finetune.epochs=2", "finetune.split=random",
+                 "finetune.split_sizes=[0.9, 0.0, 0.1]", "finetune.lr_scales=[0.3, 1.0]")
+    r = finetune_seed(cfg, 0, prepared=prepare_task(cfg.finetune))
+    assert r.selection == "last_epoch" and r.lr_scale == 1.0  # not the first factor: nothing chose it
+    assert r.timing["lr_search_train_seconds"] > r.timing["train_seconds"]  # both factors' cost
