@@ -357,31 +357,27 @@ def _lr_selected_seed(cfg: PipelineConfig, seed: int, prepared: PreparedTask, sp
     are never looked at: choosing among them on test would be tuning on test."""
     ft = cfg.finetune
     metric = ft.resolved_metric()
-    chosen: SeedResult | None = None
-    chosen_scale = 1.0
-    tried: dict[float, float] = {}
     runs: dict[float, SeedResult] = {}
     for scale in ft.lr_scales:
         one = cfg.model_copy(update={"finetune": ft.model_copy(update={
             "lr_scales": [1.0], "lr_head": ft.lr_head * scale, "lr_encoder": ft.lr_encoder * scale})})
-        r = finetune_seed(one, seed, prepared=prepared, split=split, encoder=encoder, threads=threads,
-                          verbose=verbose, keep_model=keep_model)
-        tried[float(scale)] = r.valid.value
-        runs[float(scale)] = r
+        r = runs[float(scale)] = finetune_seed(one, seed, prepared=prepared, split=split, encoder=encoder,
+                                               threads=threads, verbose=verbose, keep_model=keep_model)
         if verbose:
             log.info("finetune %s seed %d lr x%g: valid %s %.4f", r.dataset, seed, scale, metric, r.valid.value)
-        # a run whose validation could not be scored never wins over one that could
-        scored = r.selection == "best_valid"
-        if chosen is None or (scored and (chosen.selection != "best_valid"
-                                          or is_better(r.valid.value, chosen.valid.value, metric))):
-            chosen, chosen_scale = r, float(scale)
-    assert chosen is not None  # lr_scales has at least one entry (validated)
-    if chosen.selection != "best_valid" and 1.0 in runs:
+    # only runs whose validation could be scored compete; the first of equals wins
+    chosen_scale: float | None = None
+    for scale, r in runs.items():
+        if r.selection == "best_valid" and (chosen_scale is None
+                                            or is_better(r.valid.value, runs[chosen_scale].valid.value, metric)):
+            chosen_scale = scale
+    if chosen_scale is None:
         # nothing could be scored (no or one-class validation rows): the rates as given, not the first factor
-        chosen, chosen_scale = runs[1.0], 1.0
-        log.warning("finetune %s seed %d: no learning-rate factor could be scored on validation; x1 is tested",
-                    chosen.dataset, seed)
-    chosen.lr_scale, chosen.lr_valid = chosen_scale, tried
+        chosen_scale = 1.0 if 1.0 in runs else next(iter(runs))
+        log.warning("finetune %s seed %d: no learning-rate factor could be scored on validation; x%g is tested",
+                    runs[chosen_scale].dataset, seed, chosen_scale)
+    chosen = runs[chosen_scale]
+    chosen.lr_scale, chosen.lr_valid = chosen_scale, {s_: r.valid.value for s_, r in runs.items()}
     # the search's whole cost: every factor's training, not only the tested run's
     chosen.timing["lr_search_train_seconds"] = sum(r.timing["train_seconds"] for r in runs.values())
     chosen.timing["seed_seconds"] = time.perf_counter() - t_start
