@@ -7,7 +7,7 @@ Every backend describes the same N ZINC molecules (DSM values computed here) wit
 ``max_tokens``; rows/s and generated tokens/s are measured through ``DescribeStage2`` (post-check included),
 model loading reported apart. Backends:
 
-rules    no LLM (the floor).
+rules    no LLM (the floor); then with ``describe.rules_structure`` (post-checked), ratio structure / plain.
 hf       transformers, batched (``--hf-batch``) and one prompt at a time: ratio batched / single.
 vllm     in-process ``vllm.LLM`` (VLLMBackend); also the raw ``LLM.generate`` tokens/s on the same token ids,
          which is the standalone baseline of the Ray ratio.
@@ -195,6 +195,14 @@ def bench_rules(table, args, results: dict) -> None:
     m = measure(DescribeStage2(cfg, template()), table)
     results["rules"] = strip(m)
     show("rules", m)
+    # describe.rules_structure (formula, rings, groups, stereo, charge; those rows are post-checked against
+    # RDKit): side by side with the plain text in this process, the cost of the richer text
+    cfg_s = describe_cfg("rules-v1", "rules", args, rules_structure=True)
+    ms = measure(DescribeStage2(cfg_s, template()), table)
+    results["rules_structure"] = strip(ms)
+    ratio = ms["rows_per_s"] / m["rows_per_s"] if m["rows_per_s"] else None
+    results["rules_structure"]["rows_per_s_over_plain"] = ratio and round(ratio, 4)
+    show("rules+structure", ms, f"  RATIO structure / plain rows/s = {ratio:.3f}" if ratio else "")
 
 
 def bench_hf(table, model: str, args, results: dict) -> None:
