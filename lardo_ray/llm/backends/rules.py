@@ -163,8 +163,10 @@ class RulesBackend(LLMBackend):
             lines.append(f"Overall: computed physicochemical profile relevant to {endpoint}.")
         if self.structure:
             text = structure_text(record.smiles)
-            if text:
-                lines.append(text)
+            if text is None:  # the row fails with this reason (describe_batch), never a text without them
+                raise ValueError(f"describe.rules_structure: RDKit cannot parse {record.smiles!r}, so its "
+                                 "structure lines cannot be written")
+            lines.append(text)
         return "\n".join(lines)
 
 

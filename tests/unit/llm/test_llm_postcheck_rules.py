@@ -223,3 +223,10 @@ def test_structure_lines_tell_molecules_apart_and_never_state_a_wrong_group(reco
         DescribeRecord(smiles="CC(=O)Nc1ccc(O)cc1", messages=[], values={}, template=generic_template()))
     assert "1 amide group" in paracetamol and "1 phenol group" in paracetamol and "1 benzene ring" in paracetamol
     assert "formula C8H9NO2" in paracetamol
+
+
+def test_structure_lines_for_a_smiles_rdkit_cannot_parse_fail_the_row_with_the_reason():
+    rec = DescribeRecord(smiles="C1CC(", messages=[], values={}, template=generic_template())
+    plain, rich = (RulesBackend(structure=st).describe_batch([rec], SamplingParams())[0] for st in (False, True))
+    assert plain.error is None and plain.text  # the plain rules text needs no parse
+    assert rich.text is None and "cannot parse 'C1CC('" in rich.error and "rules_structure" in rich.error
