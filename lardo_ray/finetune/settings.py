@@ -106,6 +106,12 @@ class FinetuneConfig(Section):
         "concatenated with the graph embedding before the head, each mapped through its empirical CDF on the "
         "training rows (chemprop's rdkit_2d_normalized idea); none: the graph embedding alone",
     )
+    head: Literal["mlp", "forest"] = Field(
+        default="mlp",
+        description="mlp: a 2-layer head trained with the encoder (fine-tuning); forest: the encoder as a "
+        "featurizer, frozen, and the rf_dsm baseline's random forests (same trees and seeds, one per target) on "
+        "its embedding, plus the raw descriptors with dsm_features=all (lardo_ray.finetune.forest_head)",
+    )
     save_models: bool = Field(
         default=True, description="keep each seed's tested (best-validation) weights as an MLflow model on its "
         "run, and the method's seed ensemble on the method's run (lardo_ray.models.saved; `lardo-ray predict`)",
@@ -204,6 +210,9 @@ class FinetuneConfig(Section):
                     f"finetune: without a dataset card, set finetune.{', finetune.'.join(missing)} "
                     f"(or set finetune.dataset to a built-in card)"
                 )
+        if self.head == "forest" and len(self.lr_scales) > 1:
+            raise ValueError("finetune.lr_scales: head=forest trains no network, so there is no learning rate "
+                             "to choose; leave lr_scales at [1.0]")
         if self.split == "column" and not self.split_column:
             raise ValueError("split=column needs split_column (the column holding train/valid/test)")
         if self.metric is not None:

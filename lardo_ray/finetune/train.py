@@ -188,6 +188,10 @@ def finetune_seed(
     data = prepared.data
     task_type, metric = data.task_type, ft.resolved_metric()
     device = resolve_device(ft.device)
+    if ft.head == "forest":  # the encoder as a featurizer: forests, always one per target
+        from lardo_ray.finetune.forest_head import forest_head_seed
+
+        return forest_head_seed(cfg, seed, prepared=prepared, split=split, encoder=encoder, threads=threads)
     if ft.task_mode == "per_target" and data.n_tasks > 1:
         return _per_target_seed(cfg, seed, prepared, split, encoder, threads, verbose, t_start)
     if len(ft.lr_scales) > 1:  # after the per-target split: each target chooses its own rate

@@ -8,6 +8,7 @@ Layout (``lardo_model.json`` says what it is; no pickled code except sklearn's d
     seed<k>.safetensors        one ensemble member per seed (PropertyModel state, fp32)
     seed<k>.normaliser.pkl     its descriptor CDF normaliser (finetune.dsm_features=all only)
     seed<k>.forest.pkl         kind "forest": that seed's per-target random forests and imputation medians
+    seed<k>.safetensors        kind "forest" on an encoder (features gnn / gnn+dsm): that seed's encoder state
     encoder/                   kind "encoder": the pre-training export (encoder.safetensors + encoder.json)
 
 ``SavedModel.load(dir)`` refuses a model written with another featurizer or standardiser version, naming
@@ -70,7 +71,9 @@ class ModelCard:
     n_descriptors: int = 0
     head_hidden: int = 256
     descriptor_names: list[str] = field(default_factory=list)
-    features: str = ""  # kind "forest": rf_dsm (the 223 DSM descriptors) or rf_ecfp (Morgan r=2, 2,048 bits)
+    # kind "forest": rf_dsm (the 223 DSM descriptors), rf_ecfp (Morgan r=2, 2,048 bits), gnn (a frozen encoder's
+    # embedding, finetune.head=forest) or gnn+dsm (that embedding, then the descriptors)
+    features: str = ""
     task_mode: str = "multitask"  # kind "property": one network for every target, or one per target
     seeds: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -100,6 +103,9 @@ def save_property_model(directory: str | Path, card: ModelCard, members: list[Me
         if m.forest is not None:
             (d / f"seed{m.seed}.forest.pkl").write_bytes(m.forest)
             entry["forest"] = f"seed{m.seed}.forest.pkl"
+            if m.state:  # a forest on an encoder's embedding: the encoder too
+                (d / f"seed{m.seed}.safetensors").write_bytes(m.state)
+                entry["encoder_state"] = f"seed{m.seed}.safetensors"
         elif m.per_target is not None:
             entry["per_target"] = [_save_target(d, m.seed, t, sub) for t, sub in enumerate(m.per_target)]
         else:
@@ -199,6 +205,11 @@ class SavedModel:
         return self.card.kind
 
     @property
+    def on_encoder(self) -> bool:
+        """A forest on a frozen encoder's embedding (finetune.head=forest): it needs graphs, not only features."""
+        return self.kind == "forest" and self.card.features in ("gnn", "gnn+dsm")
+
+    @property
     def targets(self) -> list[str]:
         return list(self.card.targets)
 
@@ -223,7 +234,7 @@ class SavedModel:
                 ids.append(st.mol_id)
         table = pa.table({schema.MOL_ID: pa.array([str(i) for i in ok], pa.string()),
                           schema.CANONICAL_SMILES: pa.array(canon, pa.string())})
-        graphs, rej = (GraphFeaturizer()(table) if self.kind != "forest" else
+        graphs, rej = (GraphFeaturizer()(table) if self.kind != "forest" or self.on_encoder else
                        (table, table.slice(0, 0).append_column(schema.REJECT_REASON, pa.array([], pa.string()))
                         .append_column(schema.REJECT_DETAIL, pa.array([], pa.string()))))
         if rej.num_rows:
@@ -235,8 +246,10 @@ class SavedModel:
             ok, canon, mols, ids = ([ok[j] for j in keep], [canon[j] for j in keep], [mols[j] for j in keep],
                                     [ids[j] for j in keep])
         descriptors = None
-        if self.kind == "forest":
+        if self.kind == "forest" and not self.on_encoder:
             descriptors = _descriptors(mols) if self.card.features == "rf_dsm" else _ecfp(mols)
+        elif self.kind == "forest":
+            descriptors = _descriptors(mols) if self.card.features == "gnn+dsm" else None
         elif self.card.n_descriptors:
             descriptors = _descriptors(mols)
             if descriptors.shape[1] != self.card.n_descriptors:
@@ -336,12 +349,14 @@ class SavedModel:
     def _forest_predict(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
         from lardo_ray.finetune.baselines import fill_missing, forest_predict
 
-        if self._members is None:
-            self._members = [(pickle.loads((self.dir / e["forest"]).read_bytes()), e)  # noqa: S301 - our own file
-                             for e in self.meta["members"]]
         preds = []
-        for forest, _ in self._members:
-            X, _ = fill_missing(prep.descriptors, forest["median"])
+        for forest, entry in self._forest_members():
+            X_raw = prep.descriptors
+            if self.on_encoder:
+                from lardo_ray.finetune.forest_head import forest_features
+
+                X_raw = forest_features(self._embed(self._member_encoder(entry), prep, 256), prep.descriptors)
+            X, _ = fill_missing(X_raw, forest["median"])
             out = np.zeros((len(prep.index), len(self.card.targets)))
             for t, model in enumerate(forest["tasks"]):
                 out[:, t] = forest_predict(model, X) if len(X) else 0.0
@@ -349,16 +364,45 @@ class SavedModel:
         stack = np.stack(preds)
         return stack.mean(axis=0), stack.std(axis=0)
 
+    def _forest_members(self) -> list[tuple[Any, dict[str, Any]]]:
+        if self._members is None:
+            self._members = [(pickle.loads((self.dir / e["forest"]).read_bytes()), dict(e))  # noqa: S301 - ours
+                             for e in self.meta["members"]]
+        return self._members
+
+    def _member_encoder(self, entry: dict[str, Any]) -> Any:
+        """A forest-head member's frozen encoder (loaded once per member)."""
+        if "encoder_obj" not in entry:
+            from safetensors.torch import load
+
+            from lardo_ray.models.gine import GINEConfig, GINEEncoder
+
+            enc = GINEEncoder(GINEConfig(**self.card.encoder_config))
+            enc.load_state_dict(load((self.dir / entry["encoder_state"]).read_bytes()))
+            entry["encoder_obj"] = enc.to(self.device).eval()
+        return entry["encoder_obj"]
+
+    def _embed(self, encoder: Any, prep: Prepared, batch_size: int) -> np.ndarray:
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for _, g in self._batches(prep, batch_size):
+                outs.append(encoder(g).float().cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, int(encoder.out_dim)), np.float32)
+
     def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
         """(n_accepted, dim) float32 graph embeddings (eval mode). A property model gives its first member's
         fine-tuned encoder; an encoder model its pre-trained one."""
         import torch
 
-        if self.kind == "forest":
+        if self.kind == "forest" and not self.on_encoder:
             raise ModelMismatchError(f"model {self.card.name!r} is a random forest: it has no graph encoder to "
                                      "give embeddings")
         if self._encoder is None:
-            if self.kind == "encoder":
+            if self.on_encoder:  # its first member's frozen encoder, as a property model gives its first
+                self._encoder = self._member_encoder(self._forest_members()[0][1])
+            elif self.kind == "encoder":
                 from lardo_ray.models.gine import load_encoder
 
                 self._encoder = load_encoder(self.dir / "encoder").to(self.device).eval()

@@ -228,7 +228,8 @@ def _run_groups(cfg: PipelineConfig, groups: list[_Group], tracker: Tracker | No
         if r is not None:
             g.results[seed] = r
             label = METRIC_LABELS.get(r.metric, r.metric)
-            how = "fixed hyper-parameters" if g.baseline else f"best epoch {r.best_epoch}/{r.epochs_run}"
+            how = ("fixed hyper-parameters" if g.baseline or g.cfg.finetune.head == "forest"
+                   else f"best epoch {r.best_epoch}/{r.epochs_run}")
             if not g.baseline and len(g.cfg.finetune.lr_scales) > 1:
                 how += f", lr x{r.lr_scale:g} chosen on validation"
             _progress(cfg, f"{g.dataset_key}/{g.method} seed {seed}: test {label} {r.test.value:.4f} "

@@ -269,24 +269,26 @@ def test_ray_serve_app_batches_requests_and_answers_like_predict(registered, ray
 
 def test_forest_baselines_are_registered_and_predict_like_their_seeds(tmp_path):
     """rf_dsm and rf_ecfp seed ensembles are models too: registered, and their pyfunc gives the seeds'
-    own test predictions averaged (the imputation medians travel with the forests)."""
+    own test predictions averaged (the imputation medians travel with the forests); so does a forest on a
+    GNN's embedding and the descriptors (finetune.head=forest: each seed's encoder travels with its forests)."""
     import mlflow
     import pandas as pd
 
     from lardo_ray.config import load_config
     from lardo_ray.finetune.data import prepare_task
-    from lardo_ray.stages.finetune import baseline_method, run_finetune_grid
+    from lardo_ray.stages.finetune import baseline_method, registered_name, run_finetune_grid
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, ["finetune.limit=300", "finetune.seeds=[0, 1]", "finetune.baseline_trees=20",
                              "run.progress=false", f"tracking.tracking_uri={uri}", f"run.output_dir={tmp_path / 'o'}"])
-    grid = run_finetune_grid(cfg, [baseline_method("rf_dsm"), baseline_method("rf_ecfp")], use_ray=False)
+    grid = run_finetune_grid(cfg, [baseline_method("rf_dsm"), baseline_method("rf_ecfp"),
+                                   ("scratch+dsm+rf", None, {"head": "forest", "dsm_features": "all"})], use_ray=False)
     prepared = prepare_task(cfg.finetune)
     mlflow.set_tracking_uri(uri)
     try:
-        for method in ("rf_dsm", "rf_ecfp"):
+        for method in ("rf_dsm", "rf_ecfp", "scratch+dsm+rf"):
             res = grid.get("bbbp", method)
-            assert res.registered == f"models:/bbbp-{method}/1", (res.registered, res.not_logged)
+            assert res.registered == f"models:/{registered_name('bbbp', method)}/1", (res.registered, res.not_logged)
             smiles = [prepared.data.smiles[i] for i in res.seeds[0].test_index]
             out = mlflow.pyfunc.load_model(res.registered).predict(pd.DataFrame({"smiles": smiles}))
             np.testing.assert_allclose(out["pred_p_np"], np.mean([r.test_pred[:, 0] for r in res.seeds], axis=0),
