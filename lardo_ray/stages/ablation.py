@@ -96,15 +96,16 @@ def grid_methods(cfg: PipelineConfig, encoded: list[tuple[str, str | None]],
     """Every encoder as the base config fine-tunes it, then once per fine-tune variant (label + suffix).
     A base config whose head already reads the descriptors names its methods so (``+dsm``, as the pipeline
     does), and the variants that keep that head too; a repeated label is refused by the grid, naming it."""
-    from lardo_ray.stages.pipeline import head_suffix
+    from lardo_ray.stages.pipeline import head_parts
 
-    base = head_suffix(cfg)
-    methods: list[GridMethod] = [(label + base, enc) for label, enc in encoded]
+    parts = head_parts(cfg.finetune)
+    methods: list[GridMethod] = [(label + "".join(parts.values()), enc) for label, enc in encoded]
     for label, enc in encoded:
         for suffix, ft_update in heads.items():
-            # a variant that keeps the base head says so too; one that changes it names it in its suffix
-            keeps = ft_update.get("dsm_features", cfg.finetune.dsm_features) == cfg.finetune.dsm_features
-            methods.append((label + (base if keeps else "") + suffix, enc, ft_update))
+            # what the variant keeps of the base head is named as the base names it; what it changes, its suffix
+            kept = "".join(p for k, p in parts.items() if ft_update.get(k, getattr(cfg.finetune, k))
+                           == getattr(cfg.finetune, k))
+            methods.append((label + kept + suffix, enc, ft_update))
     return methods
 
 

@@ -134,9 +134,18 @@ def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> GridRes
     return run_finetune_grid(cfg, methods)
 
 
+def head_parts(ft: Any) -> dict[str, str]:
+    """What each fine-tuning field adds to a method's name: '+dsm' when the head also reads the molecule's
+    descriptors, '+rf' when the head is a forest on the frozen embedding, '+lr' when the learning rates are
+    chosen on validation ('' when at its default)."""
+    return {"dsm_features": "+dsm" if ft.dsm_features != "none" else "",
+            "head": "+rf" if ft.head == "forest" else "",
+            "lr_scales": "+lr" if len(ft.lr_scales) > 1 else ""}
+
+
 def head_suffix(cfg: PipelineConfig) -> str:
-    """'+dsm' when the fine-tune head also reads the molecule's descriptors (the grid's naming)."""
-    return "+dsm" if cfg.finetune.dsm_features != "none" else ""
+    """The fine-tuning's part of a method label (the grid's naming), e.g. '+dsm+rf'."""
+    return "".join(head_parts(cfg.finetune).values())
 
 
 def pretrained_method_label(cfg: PipelineConfig) -> str:

@@ -21,3 +21,14 @@ def test_a_base_head_with_descriptors_is_named_by_them():
                                           "-nodsm": {"dsm_features": "none"}})
     assert [m[0] for m in methods] == ["rules+dsm", "scratch+dsm", "rules+dsm+lr", "rules-nodsm",
                                        "scratch+dsm+lr", "scratch-nodsm"]
+
+
+def test_a_forest_head_and_a_learning_rate_search_are_named_in_the_label():
+    from lardo_ray.stages.pipeline import head_suffix, pretrained_method_label
+
+    forest = load_config(None, ["finetune.dsm_features=all", "finetune.head=forest", "describe.backend=rules"])
+    assert head_suffix(forest) == "+dsm+rf" and pretrained_method_label(forest) == "rules+dsm+rf"
+    lr = load_config(None, ["finetune.lr_scales=[0.3, 1.0]", "describe.backend=rules"])
+    assert pretrained_method_label(lr) == "rules+lr"
+    methods = grid_methods(forest, ENCODED, {"-mlp": {"head": "mlp"}})
+    assert [m[0] for m in methods] == ["rules+dsm+rf", "scratch+dsm+rf", "rules+dsm-mlp", "scratch+dsm-mlp"]
