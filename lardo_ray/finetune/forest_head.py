@@ -46,9 +46,11 @@ def embed_all(encoder: Any, prepared: PreparedTask, batch_size: int, device: str
     return np.concatenate(parts) if parts else np.zeros((0, int(encoder.out_dim)), np.float32)
 
 
-def forest_features(embedding: np.ndarray, descriptors: np.ndarray | None) -> np.ndarray:
-    """The forest's input: the embedding, then the raw descriptors (a forest needs no normalisation)."""
-    return embedding if descriptors is None else np.concatenate([embedding, descriptors], axis=1)
+def forest_features(embedding: np.ndarray, descriptors: np.ndarray | None,
+                    fingerprints: np.ndarray | None = None) -> np.ndarray:
+    """The forest's input: the embedding, then the raw descriptors (a forest needs no normalisation), then
+    the ECFP4 bits."""
+    return np.concatenate([a for a in (embedding, descriptors, fingerprints) if a is not None], axis=1)
 
 
 def embedding_importance_share(models: list[Any], n_embedding: int) -> float:
@@ -78,7 +80,12 @@ def forest_head_seed(cfg: PipelineConfig, seed: int, *, prepared: PreparedTask, 
     emb = embed_all(built.model.encoder, prepared, ft.eval_batch_size, device)
     embed_seconds = time.perf_counter() - t0
     desc = dsm_descriptors(prepared, cfg.ingest.max_atoms) if ft.dsm_features != "none" else None
-    X_raw = forest_features(emb, desc)
+    fps = None
+    if ft.ecfp_features:  # rf_ecfp's features of the same standardised molecules
+        from lardo_ray.finetune.baselines import featurize
+
+        fps = featurize("rf_ecfp", data.smiles, cfg.ingest.max_atoms).X
+    X_raw = forest_features(emb, desc, fps)
     train = np.asarray(split.train)
     med = training_medians(X_raw, train)
     X, n_imputed = fill_missing(X_raw, med)
@@ -95,7 +102,7 @@ def forest_head_seed(cfg: PipelineConfig, seed: int, *, prepared: PreparedTask, 
         member = Member(seed=int(seed), state=state_bytes(enc.state_dict()),
                         encoder_config=dataclasses.asdict(enc.config), n_descriptors=0 if desc is None else
                         int(desc.shape[1]),
-                        forest=pickle_bytes({"features": forest_kind(ft.dsm_features), "median": med,
+                        forest=pickle_bytes({"features": forest_kind(ft.dsm_features, ft.ecfp_features), "median": med,
                                              "tasks": models}))
 
     def score(idx: np.ndarray, pred: np.ndarray):
@@ -120,6 +127,9 @@ def forest_head_seed(cfg: PipelineConfig, seed: int, *, prepared: PreparedTask, 
     )
 
 
-def forest_kind(dsm_features: str) -> str:
-    """The saved model's ``features``: what its forests read (``lardo_ray.models.saved``)."""
-    return "gnn+dsm" if dsm_features != "none" else "gnn"
+FOREST_KINDS = ("gnn", "gnn+dsm", "gnn+ecfp", "gnn+dsm+ecfp")
+
+
+def forest_kind(dsm_features: str, ecfp_features: bool = False) -> str:
+    """The saved model's ``features``: what its forests read, in column order (``lardo_ray.models.saved``)."""
+    return "gnn" + ("+dsm" if dsm_features != "none" else "") + ("+ecfp" if ecfp_features else "")

@@ -112,6 +112,11 @@ class FinetuneConfig(Section):
         "featurizer, frozen, and the rf_dsm baseline's random forests (same trees and seeds, one per target) on "
         "its embedding, plus the raw descriptors with dsm_features=all (lardo_ray.finetune.forest_head)",
     )
+    ecfp_features: bool = Field(
+        default=False,
+        description="head=forest only: the molecule's ECFP4 bits (Morgan radius 2, 2,048 bits, rf_ecfp's features) "
+        "also go into the forest, after the embedding (and the descriptors); method label '+ecfp'",
+    )
     save_models: bool = Field(
         default=True, description="keep each seed's tested (best-validation) weights as an MLflow model on its "
         "run, and the method's seed ensemble on the method's run (lardo_ray.models.saved; `lardo-ray predict`)",
@@ -213,6 +218,8 @@ class FinetuneConfig(Section):
         if self.head == "forest" and len(self.lr_scales) > 1:
             raise ValueError("finetune.lr_scales: head=forest trains no network, so there is no learning rate "
                              "to choose; leave lr_scales at [1.0]")
+        if self.ecfp_features and self.head != "forest":
+            raise ValueError("finetune.ecfp_features: only a forest head reads fingerprints (set finetune.head=forest)")
         if self.split == "column" and not self.split_column:
             raise ValueError("split=column needs split_column (the column holding train/valid/test)")
         if self.metric is not None:

@@ -72,7 +72,7 @@ class ModelCard:
     head_hidden: int = 256
     descriptor_names: list[str] = field(default_factory=list)
     # kind "forest": rf_dsm (the 223 DSM descriptors), rf_ecfp (Morgan r=2, 2,048 bits), gnn (a frozen encoder's
-    # embedding, finetune.head=forest) or gnn+dsm (that embedding, then the descriptors)
+    # embedding, finetune.head=forest), then +dsm (the descriptors) and/or +ecfp (the bits), in that column order
     features: str = ""
     task_mode: str = "multitask"  # kind "property": one network for every target, or one per target
     seeds: list[int] = field(default_factory=list)
@@ -207,7 +207,9 @@ class SavedModel:
     @property
     def on_encoder(self) -> bool:
         """A forest on a frozen encoder's embedding (finetune.head=forest): it needs graphs, not only features."""
-        return self.kind == "forest" and self.card.features in ("gnn", "gnn+dsm")
+        from lardo_ray.finetune.forest_head import FOREST_KINDS
+
+        return self.kind == "forest" and self.card.features in FOREST_KINDS
 
     @property
     def targets(self) -> list[str]:
@@ -248,8 +250,10 @@ class SavedModel:
         descriptors = None
         if self.kind == "forest" and not self.on_encoder:
             descriptors = _descriptors(mols) if self.card.features == "rf_dsm" else _ecfp(mols)
-        elif self.kind == "forest":
-            descriptors = _descriptors(mols) if self.card.features == "gnn+dsm" else None
+        elif self.kind == "forest":  # the embedding is computed later; the other columns here, in their order
+            parts = self.card.features.split("+")[1:]
+            cols = [_descriptors(mols) if p == "dsm" else _ecfp(mols) for p in parts]
+            descriptors = np.concatenate(cols, axis=1) if cols else None
         elif self.card.n_descriptors:
             descriptors = _descriptors(mols)
             if descriptors.shape[1] != self.card.n_descriptors:

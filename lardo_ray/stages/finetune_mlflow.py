@@ -75,7 +75,8 @@ def _architecture(cfg: PipelineConfig, enc: EncoderSource | None, baseline: str 
         c = enc.config
     ft = cfg.finetune
     if ft.head == "forest":
-        feats = "its embedding + the raw RDKit descriptors" if ft.dsm_features != "none" else "its embedding"
+        feats = "its embedding" + (" + the raw RDKit descriptors" if ft.dsm_features != "none" else "") + (
+            " + ECFP4 bits" if ft.ecfp_features else "")
         return (f"GINE {c.get('num_layers')} x {c.get('hidden')} ({c.get('pooling')} pool, jk {c.get('jk')}), frozen; "
                 f"random forest ({ft.baseline_trees} trees) on {feats}, one per task on its labelled training rows")
     probe = "frozen encoder (probe)" if ft.freeze_encoder or ft.lr_encoder == 0 else \
@@ -208,7 +209,7 @@ def _log_saved_model(tracker: Tracker, g: _Group, res: FinetuneResult, prepared:
     if forest_head:
         from lardo_ray.finetune.forest_head import forest_kind
     card = ModelCard(kind="forest" if g.baseline or forest_head else "property",
-                     features=g.baseline or (forest_kind(ft.dsm_features) if forest_head else ""),
+                     features=g.baseline or (forest_kind(ft.dsm_features, ft.ecfp_features) if forest_head else ""),
                      name=registered_name(g.dataset_key, g.method), targets=list(prepared.data.task_names),
                      task_type=res.task_type, encoder_config=seeds[0].member.encoder_config,
                      n_descriptors=seeds[0].member.n_descriptors, head_hidden=ft.head_hidden,

@@ -136,10 +136,12 @@ def finetune_in_pipeline(cfg: PipelineConfig, result: PipelineResult) -> GridRes
 
 def head_parts(ft: Any) -> dict[str, str]:
     """What each fine-tuning field adds to a method's name: '+dsm' when the head also reads the molecule's
-    descriptors, '+rf' when the head is a forest on the frozen embedding, '+lr' when the learning rates are
+    descriptors, '+rf' when the head is a forest on the frozen embedding, '+ecfp' when that forest also reads
+    fingerprints, '+lr' when the learning rates are
     chosen on validation ('' when at its default)."""
     return {"dsm_features": "+dsm" if ft.dsm_features != "none" else "",
             "head": "+rf" if ft.head == "forest" else "",
+            "ecfp_features": "+ecfp" if ft.ecfp_features else "",
             "lr_scales": "+lr" if len(ft.lr_scales) > 1 else ""}
 
 

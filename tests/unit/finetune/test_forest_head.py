@@ -67,11 +67,13 @@ def test_the_saved_model_predicts_new_smiles_as_the_run_scored_them(tmp_path):
     from lardo_ray.finetune.forest_head import forest_kind
     from lardo_ray.models.saved import ModelCard, SavedModel, save_property_model
 
-    cfg = cfg_of("finetune.dsm_features=all")
+    # every column kind, so that the saved model must rebuild them in the run's order
+    cfg = cfg_of("finetune.dsm_features=all", "finetune.ecfp_features=true")
     prepared = prepare_task(cfg.finetune)
     split = split_for(prepared, cfg.finetune, 0)
     members = [finetune_seed(cfg, s, prepared=prepared, split=split, threads=1) for s in (0, 1)]
-    card = ModelCard(kind="forest", features=forest_kind("all"), name="bbbp-rules+dsm+rf",
+    assert members[0].timing["n_forest_features"] == 64 + prepared.descriptors.shape[1] + 2048
+    card = ModelCard(kind="forest", features=forest_kind("all", True), name="bbbp-rules+dsm+rf+ecfp",
                      targets=list(prepared.data.task_names), task_type="classification",
                      encoder_config=members[0].member.encoder_config)
     save_property_model(tmp_path / "m", card, [r.member for r in members])
@@ -89,3 +91,5 @@ def test_the_saved_model_predicts_new_smiles_as_the_run_scored_them(tmp_path):
 def test_a_learning_rate_search_with_a_forest_head_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="lr_scales"):
         cfg_of("finetune.lr_scales=[0.3, 1.0]")
+    with pytest.raises(ConfigError, match="ecfp_features"):  # the MLP head reads no fingerprints
+        load_config(None, ["finetune.ecfp_features=true"])

@@ -28,6 +28,8 @@ def test_a_forest_head_and_a_learning_rate_search_are_named_in_the_label():
 
     forest = load_config(None, ["finetune.dsm_features=all", "finetune.head=forest", "describe.backend=rules"])
     assert head_suffix(forest) == "+dsm+rf" and pretrained_method_label(forest) == "rules+dsm+rf"
+    fp = load_config(None, ["finetune.head=forest", "finetune.ecfp_features=true", "describe.backend=rules"])
+    assert pretrained_method_label(fp) == "rules+rf+ecfp"
     lr = load_config(None, ["finetune.lr_scales=[0.3, 1.0]", "describe.backend=rules"])
     assert pretrained_method_label(lr) == "rules+lr"
     methods = grid_methods(forest, ENCODED, {"-mlp": {"head": "mlp"}})
