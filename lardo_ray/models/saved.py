@@ -8,7 +8,7 @@ Layout (``lardo_model.json`` says what it is; no pickled code except sklearn's d
     seed<k>.safetensors        one ensemble member per seed (PropertyModel state, fp32)
     seed<k>.normaliser.pkl     its descriptor CDF normaliser (finetune.dsm_features=all only)
     seed<k>.forest.pkl         kind "forest": that seed's per-target random forests and imputation medians
-    seed<k>.safetensors        kind "forest" on an encoder (features gnn / gnn+dsm): that seed's encoder state
+    seed<k>.safetensors        kind "forest" on an encoder (features gnn, gnn+dsm, ...): that seed's frozen encoder
     encoder/                   kind "encoder": the pre-training export (encoder.safetensors + encoder.json)
 
 ``SavedModel.load(dir)`` refuses a model written with another featurizer or standardiser version, naming
@@ -387,6 +387,7 @@ class SavedModel:
         return entry["encoder_obj"]
 
     def _embed(self, encoder: Any, prep: Prepared, batch_size: int) -> np.ndarray:
+        """(n_accepted, dim) float32 eval-mode embeddings of the prepared rows."""
         import torch
 
         outs = []
@@ -397,9 +398,7 @@ class SavedModel:
 
     def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
         """(n_accepted, dim) float32 graph embeddings (eval mode). A property model gives its first member's
-        fine-tuned encoder; an encoder model its pre-trained one."""
-        import torch
-
+        fine-tuned encoder; an encoder model its pre-trained one; a forest on an encoder its first member's."""
         if self.kind == "forest" and not self.on_encoder:
             raise ModelMismatchError(f"model {self.card.name!r} is a random forest: it has no graph encoder to "
                                      "give embeddings")
@@ -416,12 +415,7 @@ class SavedModel:
                                          "(<run name>-encoder) or a multitask model")
             else:
                 self._encoder = self._load_members()[0][0].encoder
-        outs = []
-        with torch.no_grad():
-            for _, g in self._batches(prep, batch_size):
-                outs.append(self._encoder(g).float().cpu().numpy())
-        dim = int(self._encoder.out_dim)
-        return np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
+        return self._embed(self._encoder, prep, batch_size)
 
     def predict(self, smiles: list[Any], batch_size: int = 256) -> tuple[Prepared, np.ndarray, np.ndarray]:
         prep = self.prepare(smiles)
