@@ -18,12 +18,7 @@ from lardo_ray.models.gine import GINEEncoder, save_encoder
 SMALL = ["model.num_layers=2", "model.hidden=64", "finetune.limit=400", "finetune.split=random", "finetune.baseline_trees=60"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg_of(*overrides: str):

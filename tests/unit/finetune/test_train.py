@@ -27,12 +27,7 @@ MOLNET = SHARED_DATA / "moleculenet"
 SMALL = ["model.num_layers=2", "model.hidden=64", "finetune.head_hidden=64"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg_of(*overrides: str):
